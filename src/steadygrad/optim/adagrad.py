@@ -1,0 +1,89 @@
+"""Adagrad as a drop-in for ``torch.optim.Adagrad``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ..core.transform import Transform, chain
+from ..transforms.adaptive import scale_by_rss
+from ..transforms.basic import add_decayed_weights, scale_by_lr
+from .base import ParamsT, TransformOptimizer, check_hyperparameter
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(TransformOptimizer):
+    """Adagrad (Duchi, Hazan and Singer, 2011) with torch.optim's signature, defaults and state.
+
+    .. math::
+        g \\leftarrow g + \\lambda p,\\quad s \\leftarrow s + g^2,\\quad
+        p \\leftarrow p - \\frac{\\text{lr}}{1 + (t-1)\\,\\text{lr\\_decay}}
+            \\cdot \\frac{g}{\\sqrt{s} + \\epsilon}
+
+    The chain is ``add_decayed_weights(weight_decay) → scale_by_rss → scale_by_lr``.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (number or 1-element tensor), ``>= 0``.
+        lr_decay: ``>= 0``.
+        weight_decay: L2 penalty, ``>= 0``.
+        initial_accumulator_value: starting value of ``s``, ``>= 0``.
+        eps: ``> 0`` (torch accepts 0, which divides 0 by 0 for a zero gradient).
+        foreach: accepted for compatibility; the list implementation is always used.
+        maximize: ascend instead of descend.
+        differentiable: only ``False``.
+        fused: only ``None``/``False``.
+        eps_in_sqrt: denominator ``sqrt(s + eps)`` (TensorFlow, optax, d2l).
+
+    Differences from torch: sparse gradients raise ``RuntimeError`` (use ``torch.optim.Adagrad``
+    or ``torch.optim.SparseAdam`` for sparse embeddings); NaN or out-of-range hyperparameters and
+    ``eps <= 0`` raise ``ValueError``. State is created for every parameter at construction, as
+    torch does for Adagrad.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        eps_in_sqrt: bool = False,
+    ) -> None:
+        check_hyperparameter("lr", lr)
+        check_hyperparameter("lr_decay", lr_decay)
+        check_hyperparameter("weight_decay", weight_decay)
+        check_hyperparameter("initial_accumulator_value", initial_accumulator_value)
+        check_hyperparameter("eps", eps, low_open=True)
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            eps=eps,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            transform = self.build_transform(group)
+            self._init_missing(transform, group, list(group["params"]), self._state_keys(transform.init([])))
+
+    def build_transform(self, group: Mapping[str, Any]) -> Transform:
+        return chain(
+            add_decayed_weights(group["weight_decay"]),
+            scale_by_rss(group["initial_accumulator_value"], group["eps"], group["lr_decay"], group["eps_in_sqrt"]),
+            scale_by_lr(),
+        )

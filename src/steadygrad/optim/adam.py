@@ -1,0 +1,136 @@
+"""Adam and AdamW as drop-ins for ``torch.optim.Adam`` and ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ..core.transform import Transform, chain
+from ..transforms.adaptive import scale_by_adam
+from ..transforms.basic import add_decayed_weights, scale_by_lr
+from .base import ParamsT, TransformOptimizer, check_betas, check_hyperparameter
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(TransformOptimizer):
+    """Adam (Kingma and Ba, 2015) with torch.optim's signature, defaults and state.
+
+    .. math::
+        m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
+        v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,\\quad
+        p \\leftarrow p - \\text{lr}\\cdot\\frac{m/(1-\\beta_1^t)}{\\sqrt{v/(1-\\beta_2^t)} + \\epsilon}
+
+    Weight decay is L2 (``g ← g + λp``, the chain ``add_decayed_weights → scale_by_adam →
+    scale_by_lr``), or decoupled with ``decoupled_weight_decay=True`` (``p ← p·(1 − lr·λ)``, the
+    chain ``scale_by_adam → add_decayed_weights → scale_by_lr``), which is :class:`AdamW`.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (number or 1-element tensor), ``>= 0``. A tensor works on every path
+            (torch refuses it with ``foreach=True`` unless capturable).
+        betas: ``(beta1, beta2)``, numbers or 1-element tensors, each in ``[0, 1)``.
+        eps: ``> 0`` (torch accepts 0, which gives 0/0 = NaN for a zero gradient).
+        weight_decay: ``>= 0``.
+        amsgrad: use the running maximum of ``v`` (Reddi et al., 2018), as torch.
+        foreach: accepted for compatibility; the list implementation is always used.
+        maximize: ascend instead of descend.
+        capturable: keep the step counters on the parameters' device (CUDA graphs).
+        differentiable: only ``False``.
+        fused: only ``None``/``False``.
+        decoupled_weight_decay: AdamW's weight decay.
+        eps_in_sqrt: denominator ``sqrt(v/(1-β2^t) + eps)`` (optax's ``eps_root``).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        eps_in_sqrt: bool = False,
+    ) -> None:
+        check_hyperparameter("lr", lr)
+        check_hyperparameter("eps", eps, low_open=True)
+        check_hyperparameter("weight_decay", weight_decay)
+        betas = check_betas(betas)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+        super().__init__(params, defaults)
+
+    def build_transform(self, group: Mapping[str, Any]) -> Transform:
+        adam = scale_by_adam(group["betas"], group["eps"], group["amsgrad"], group["eps_in_sqrt"])
+        decay = add_decayed_weights(group["weight_decay"])
+        if group["decoupled_weight_decay"]:
+            return chain(adam, decay, scale_by_lr())
+        return chain(decay, adam, scale_by_lr())
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov and Hutter, 2019): :class:`Adam` with decoupled weight decay, default
+    ``weight_decay=1e-2``, with ``torch.optim.AdamW``'s signature, defaults and state.
+
+    .. math::
+        p \\leftarrow p\\,(1 - \\text{lr}\\cdot\\lambda)
+            - \\text{lr}\\cdot\\frac{m/(1-\\beta_1^t)}{\\sqrt{v/(1-\\beta_2^t)} + \\epsilon}
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        eps_in_sqrt: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,259 @@
+"""Thin ``torch.optim.Optimizer`` wrappers around transforms.
+
+:class:`TransformOptimizer` owns nothing but bookkeeping: at every ``step`` it builds the
+transform of each parameter group from the group's current hyperparameters, hands it a copy of the
+gradients of the parameters that have one, and adds the resulting updates to the parameters. The
+math lives in :mod:`steadygrad.transforms`.
+
+State layout
+    Per-parameter state lives in ``self.state[p]`` under the field names of the transforms' state
+    named tuples, which are torch.optim's keys (``step``, ``sum``, ``square_avg``, ``exp_avg``, ...):
+    ``state_dict()`` has torch's layout and checkpoints move between the two libraries. A name
+    that occurs twice in a chain is stored as ``"<position>.<name>"`` from its second occurrence
+    on (position = index path in the chain, e.g. ``"1.step"``). State that is shared by all the
+    parameters of a group (a single tensor in the state tuple) lives in ``self.state["group<i>"]``.
+    State is created when a parameter first has a gradient, as in torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..core.tensorlist import as_real, from_real
+from ..core.transform import Transform, hyperparameters, state_leaves
+
+__all__ = ["Transformed", "TransformOptimizer", "check_betas", "check_hyperparameter"]
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def check_hyperparameter(
+    name: str, value: Any, low: float = 0.0, high: float = math.inf, *, low_open: bool = False, high_open: bool = True
+) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``low <= value < high`` (bounds as given by
+    ``low_open``/``high_open``). NaN and infinities always fail."""
+    v = _as_float(name, value)
+    ok_low = low < v if low_open else low <= v
+    ok_high = v < high if high_open else v <= high
+    if not (ok_low and ok_high and math.isfinite(v)):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"Invalid {name}: {v!r}; expected a finite value in {lo}{low}, {high}{hi}")
+
+
+def check_betas(betas: Any) -> tuple[Any, Any]:
+    """Validates Adam's ``betas`` (two numbers, or two 1-element tensors, each in [0, 1)) and
+    returns them with tensors reshaped to 0-d, as torch does."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        check_hyperparameter(f"betas[{i}]", b, 0.0, 1.0)
+    return tuple(b.reshape(()) if isinstance(b, Tensor) else b for b in betas)  # type: ignore[return-value]
+
+
+class TransformOptimizer(Optimizer):
+    """Base of the steadygrad optimizers: a ``torch.optim.Optimizer`` that runs a transform.
+
+    Subclasses implement :meth:`build_transform`, which turns one parameter group (a dict of
+    hyperparameters) into a transform; it is called at every step so that schedulers and
+    ``param_groups`` edits take effect at once. Recognised group keys: ``maximize`` (negate the
+    gradients first) and ``capturable`` (keep ``step`` counters on the parameter's device).
+
+    Differences from torch.optim: a parameter listed twice raises ``ValueError`` (torch warns);
+    sparse gradients raise ``RuntimeError``; ``differentiable=True`` and ``fused=True`` are refused.
+    """
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        if defaults.get("differentiable", False):
+            raise ValueError("differentiable=True is not supported by steadygrad optimizers")
+        if defaults.get("fused", None):
+            raise ValueError("fused=True is not available in this version of steadygrad")
+        super().__init__(params, defaults)
+
+    def build_transform(self, group: Mapping[str, Any]) -> Transform:
+        """The transform for one parameter group at this step."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering "
+                "of tensors in sets will change between runs; use a list"
+            )
+        else:
+            params = list(params)
+        seen: set[int] = set()
+        for p in params:
+            if isinstance(p, tuple):  # (name, tensor) pairs
+                p = p[1]
+            if isinstance(p, Tensor) and id(p) in seen:
+                raise ValueError(f"a parameter (shape {tuple(p.shape)}) is listed twice in one parameter group")
+            seen.add(id(p))
+        param_group["params"] = params
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+    # ---- state bookkeeping ----------------------------------------------------------------------
+
+    @staticmethod
+    def _state_keys(template: Any) -> list[tuple[int, str, str, bool]]:
+        """``(leaf index, field, storage key, per-parameter?)`` for every used state field."""
+        keys: list[tuple[int, str, str, bool]] = []
+        taken: set[str] = set()
+        for i, (path, leaf) in enumerate(state_leaves(template)):
+            for field in leaf._fields:
+                value = getattr(leaf, field)
+                if value is None:
+                    continue
+                key = field if field not in taken else ".".join(map(str, path)) + "." + field
+                taken.add(key)
+                keys.append((i, field, key, isinstance(value, (list, tuple))))
+        return keys
+
+    def _init_missing(self, transform: Transform, group: Mapping[str, Any], params: list[Tensor], keys) -> None:
+        """Creates the state that ``params`` lack (new parameters, or an option switched on)."""
+        per_param = [(i, f, k) for i, f, k, pp in keys if pp]
+        missing = [p for p in params if any(k not in self.state[p] for _, _, k in per_param)]
+        if not missing:
+            return
+        fresh = list(state_leaves(transform.init(missing)))
+        for i, field, key in per_param:
+            values = getattr(fresh[i][1], field)
+            for p, value in zip(missing, values):
+                if key not in self.state[p]:
+                    if key == "step" and group.get("capturable", False):
+                        value = value.to(device=p.device, dtype=torch.float32)
+                    self.state[p][key] = value
+
+    def _gather(self, template: Any, keys, params: list[Tensor], group_key: str) -> Any:
+        """The transform state of ``params`` in the template's structure, with real views of
+        complex tensors."""
+        leaves = [leaf for _, leaf in state_leaves(template)]
+        fields: list[dict[str, Any]] = [{} for _ in leaves]
+        shared = self.state[group_key] if any(not pp for *_, pp in keys) else None
+        for i, field, key, pp in keys:
+            if pp:
+                fields[i][field] = [as_real(self.state[p][key]) for p in params]
+            else:
+                if key not in shared:
+                    shared[key] = getattr(leaves[i], field)
+                fields[i][field] = shared[key]
+        new_leaves = iter([leaf._replace(**f) for leaf, f in zip(leaves, fields)])
+        return _rebuild(template, new_leaves)
+
+    def _scatter(self, state: Any, keys, params: list[Tensor], group_key: str) -> None:
+        leaves = [leaf for _, leaf in state_leaves(state)]
+        for i, field, key, pp in keys:
+            value = getattr(leaves[i], field)
+            if pp:
+                for p, v in zip(params, value):
+                    old = self.state[p][key]
+                    # In-place updates of a complex tensor come back as its real view.
+                    if v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
+                        self.state[p][key] = from_real(v, old)
+            else:
+                self.state[group_key][key] = value
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; "
+                        "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
+                    )
+            transform = self.build_transform(group)
+            template = transform.init([])
+            keys = self._state_keys(template)
+            self._init_missing(transform, group, params, keys)
+            group_key = f"group{index}"
+            state = self._gather(template, keys, params, group_key)
+            grads = [as_real(p.grad) for p in params]
+            updates = torch._foreach_neg(grads) if group.get("maximize", False) else [g.clone() for g in grads]
+            real_params = [as_real(p) for p in params]
+            with hyperparameters(group):
+                updates, state = transform.update(updates, state, real_params)
+            self._scatter(state, keys, params, group_key)
+            torch._foreach_add_(real_params, updates)
+        return loss
+
+
+def _rebuild(template: Any, leaves: Any) -> Any:
+    if hasattr(template, "_fields"):
+        return next(leaves)
+    return tuple(_rebuild(part, leaves) for part in template)
+
+
+class Transformed(TransformOptimizer):
+    """Any transform as a ``torch.optim.Optimizer``.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        transform: the chain that maps gradients to updates; the updates are *added* to the
+            parameters, so end it with :func:`steadygrad.scale_by_lr` (which reads this
+            optimizer's ``lr`` at every step) or another negative scaling.
+        lr: the learning rate stored in each parameter group (for schedulers and scale_by_lr).
+        maximize: negate the gradients before the transform.
+        **defaults: further hyperparameters stored in each parameter group.
+
+    Example::
+
+        opt = sg.optim.Transformed(
+            model.parameters(),
+            sg.chain(sg.scale_by_adam(), sg.add_decayed_weights(1e-2), sg.scale_by_lr()),
+            lr=1e-3,
+        )
+    """
+
+    def __init__(
+        self, params: ParamsT, transform: Transform, lr: float | Tensor = 1e-3, *, maximize: bool = False, **defaults: Any
+    ) -> None:
+        if not isinstance(transform, Transform):
+            raise TypeError(f"transform must be a steadygrad Transform, got {type(transform).__name__}")
+        check_hyperparameter("lr", lr)
+        self.transform = transform
+        super().__init__(params, dict(lr=lr, maximize=maximize, **defaults))
+
+    def build_transform(self, group: Mapping[str, Any]) -> Transform:
+        return self.transform

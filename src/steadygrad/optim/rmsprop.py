@@ -1,0 +1,87 @@
+"""RMSprop as a drop-in for ``torch.optim.RMSprop``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ..core.transform import Transform, chain, identity
+from ..transforms.adaptive import scale_by_rms
+from ..transforms.basic import add_decayed_weights, scale_by_lr, trace
+from .base import ParamsT, TransformOptimizer, check_hyperparameter
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop(TransformOptimizer):
+    """RMSProp (Hinton, 2012; centered: Graves, 2013) with torch.optim's signature, defaults and state.
+
+    .. math::
+        g \\leftarrow g + \\lambda p,\\quad v \\leftarrow \\alpha v + (1-\\alpha) g^2,\\quad
+        d = \\frac{g}{\\sqrt{v - \\bar g^2} + \\epsilon},\\quad
+        b \\leftarrow \\mu b + d,\\quad p \\leftarrow p - \\text{lr}\\cdot b
+
+    (:math:`\\bar g = 0` unless centered; without momentum :math:`p \\leftarrow p - \\text{lr}\\cdot d`.)
+    The chain is ``add_decayed_weights → scale_by_rms → trace(momentum) → scale_by_lr``.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (number or 1-element tensor), ``>= 0``.
+        alpha: smoothing constant in ``[0, 1)`` (torch accepts ``alpha > 1``, which makes ``v``
+            negative and the parameters NaN).
+        eps: ``> 0``.
+        weight_decay: L2 penalty, ``>= 0``.
+        momentum: in ``[0, 1)``.
+        centered: normalise by the estimated variance instead of the second moment.
+        capturable: keep the step counters on the parameters' device (CUDA graphs).
+        foreach: accepted for compatibility; the list implementation is always used.
+        maximize: ascend instead of descend.
+        differentiable: only ``False``.
+        eps_in_sqrt: denominator ``sqrt(v - ḡ² + eps)`` (TensorFlow, optax, d2l).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        eps_in_sqrt: bool = False,
+    ) -> None:
+        check_hyperparameter("lr", lr)
+        check_hyperparameter("alpha", alpha, 0.0, 1.0)
+        check_hyperparameter("eps", eps, low_open=True)
+        check_hyperparameter("weight_decay", weight_decay)
+        check_hyperparameter("momentum", momentum, 0.0, 1.0)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            alpha=alpha,
+            eps=eps,
+            centered=centered,
+            weight_decay=weight_decay,
+            capturable=capturable,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+        super().__init__(params, defaults)
+
+    def build_transform(self, group: Mapping[str, Any]) -> Transform:
+        return chain(
+            add_decayed_weights(group["weight_decay"]),
+            scale_by_rms(group["alpha"], group["eps"], group["centered"], group["eps_in_sqrt"]),
+            trace(group["momentum"]) if group["momentum"] > 0 else identity(),
+            scale_by_lr(),
+        )
