@@ -30,6 +30,15 @@ In-place rule (one rule for all transforms)
 
 Hyperparameters may be Python numbers or 0-d tensors (a tensor changes value without
 recompiling a ``torch.compile``'d step). No transform reads a tensor's value on the host.
+
+Skipping a step without a host sync
+    A caller that finds a bad step (non-finite gradients) decides on the device, not on the host.
+    It runs the transforms inside :func:`gated` with a 0-d ``commit`` tensor (1 = the step counts,
+    0 = it must leave no trace) and with the bad gradients zeroed. Every stateful transform reads
+    :func:`commit_gate` and folds it into its state update (an EMA rate multiplied by the gate, a
+    counter advanced by the gate, a history slot written only when open), so that a closed gate
+    leaves all of its state bit-for-bit unchanged. Outside :func:`gated` the gate is ``None``
+    (always commit).
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ __all__ = [
     "EmptyState",
     "Transform",
     "chain",
+    "commit_gate",
+    "gated",
     "group_hyperparameter",
     "hyperparameters",
     "identity",
@@ -148,3 +159,22 @@ def group_hyperparameter(name: str) -> Any:
     if name not in group:
         raise KeyError(f"the parameter group has no hyperparameter {name!r}")
     return group[name]
+
+
+_GATE: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("steadygrad_commit_gate", default=None)
+
+
+@contextlib.contextmanager
+def gated(commit: Tensor) -> Iterator[None]:
+    """Runs the enclosed ``update`` calls with the commit gate ``commit`` (a 0-d tensor, 1 or 0)."""
+    token = _GATE.set(commit)
+    try:
+        yield
+    finally:
+        _GATE.reset(token)
+
+
+def commit_gate() -> Tensor | None:
+    """The commit gate of the step being taken: ``None`` (commit) or a 0-d tensor, 1 to commit and
+    0 to leave every piece of state unchanged. See the module docstring."""
+    return _GATE.get()
