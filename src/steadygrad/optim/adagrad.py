@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..core.state import init_state
 from ..core.transform import Transform, chain
 from ..transforms.adaptive import scale_by_rss
 from ..transforms.basic import add_decayed_weights, scale_by_lr
@@ -78,8 +79,7 @@ class Adagrad(TransformOptimizer):
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
-            transform = self.build_transform(group)
-            self._init_missing(transform, group, list(group["params"]), self._state_keys(transform.init([])))
+            init_state(self.state, self.build_transform(group), group["params"])
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         return chain(

@@ -8,11 +8,10 @@ math lives in :mod:`steadygrad.transforms`.
 State layout
     Per-parameter state lives in ``self.state[p]`` under the field names of the transforms' state
     named tuples, which are torch.optim's keys (``step``, ``sum``, ``square_avg``, ``exp_avg``, ...):
-    ``state_dict()`` has torch's layout and checkpoints move between the two libraries. A name
-    that occurs twice in a chain is stored as ``"<position>.<name>"`` from its second occurrence
-    on (position = index path in the chain, e.g. ``"1.step"``). State that is shared by all the
-    parameters of a group (a single tensor in the state tuple) lives in ``self.state["group<i>"]``.
-    State is created when a parameter first has a gradient, as in torch.
+    ``state_dict()`` has torch's layout and checkpoints move between the two libraries (the key
+    rules are in :mod:`steadygrad.core.state`). State shared by all the parameters of a group (a
+    single tensor in a state tuple) lives in ``self.state["group<i>"]``. State is created when a
+    parameter first has a gradient, as in torch.
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..core.tensorlist import as_real, from_real
-from ..core.transform import Transform, hyperparameters, state_leaves
+from ..core.state import run_transform
+from ..core.tensorlist import as_real
+from ..core.transform import Transform, hyperparameters
 
 __all__ = ["Transformed", "TransformOptimizer", "check_betas", "check_hyperparameter"]
 
@@ -123,67 +123,6 @@ class TransformOptimizer(Optimizer):
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
 
-    # ---- state bookkeeping ----------------------------------------------------------------------
-
-    @staticmethod
-    def _state_keys(template: Any) -> list[tuple[int, str, str, bool]]:
-        """``(leaf index, field, storage key, per-parameter?)`` for every used state field."""
-        keys: list[tuple[int, str, str, bool]] = []
-        taken: set[str] = set()
-        for i, (path, leaf) in enumerate(state_leaves(template)):
-            for field in leaf._fields:
-                value = getattr(leaf, field)
-                if value is None:
-                    continue
-                key = field if field not in taken else ".".join(map(str, path)) + "." + field
-                taken.add(key)
-                keys.append((i, field, key, isinstance(value, (list, tuple))))
-        return keys
-
-    def _init_missing(self, transform: Transform, group: Mapping[str, Any], params: list[Tensor], keys) -> None:
-        """Creates the state that ``params`` lack (new parameters, or an option switched on)."""
-        per_param = [(i, f, k) for i, f, k, pp in keys if pp]
-        missing = [p for p in params if any(k not in self.state[p] for _, _, k in per_param)]
-        if not missing:
-            return
-        fresh = list(state_leaves(transform.init(missing)))
-        for i, field, key in per_param:
-            values = getattr(fresh[i][1], field)
-            for p, value in zip(missing, values):
-                if key not in self.state[p]:
-                    if key == "step" and group.get("capturable", False):
-                        value = value.to(device=p.device, dtype=torch.float32)
-                    self.state[p][key] = value
-
-    def _gather(self, template: Any, keys, params: list[Tensor], group_key: str) -> Any:
-        """The transform state of ``params`` in the template's structure, with real views of
-        complex tensors."""
-        leaves = [leaf for _, leaf in state_leaves(template)]
-        fields: list[dict[str, Any]] = [{} for _ in leaves]
-        shared = self.state[group_key] if any(not pp for *_, pp in keys) else None
-        for i, field, key, pp in keys:
-            if pp:
-                fields[i][field] = [as_real(self.state[p][key]) for p in params]
-            else:
-                if key not in shared:
-                    shared[key] = getattr(leaves[i], field)
-                fields[i][field] = shared[key]
-        new_leaves = iter([leaf._replace(**f) for leaf, f in zip(leaves, fields)])
-        return _rebuild(template, new_leaves)
-
-    def _scatter(self, state: Any, keys, params: list[Tensor], group_key: str) -> None:
-        leaves = [leaf for _, leaf in state_leaves(state)]
-        for i, field, key, pp in keys:
-            value = getattr(leaves[i], field)
-            if pp:
-                for p, v in zip(params, value):
-                    old = self.state[p][key]
-                    # In-place updates of a complex tensor come back as its real view.
-                    if v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
-                        self.state[p][key] = from_real(v, old)
-            else:
-                self.state[group_key][key] = value
-
     # ---- the step -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -203,26 +142,19 @@ class TransformOptimizer(Optimizer):
                         f"{type(self).__name__} does not support sparse gradients; "
                         "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
                     )
-            transform = self.build_transform(group)
-            template = transform.init([])
-            keys = self._state_keys(template)
-            self._init_missing(transform, group, params, keys)
-            group_key = f"group{index}"
-            state = self._gather(template, keys, params, group_key)
-            grads = [as_real(p.grad) for p in params]
+            grads = [p.grad for p in params]
             updates = torch._foreach_neg(grads) if group.get("maximize", False) else [g.clone() for g in grads]
-            real_params = [as_real(p) for p in params]
             with hyperparameters(group):
-                updates, state = transform.update(updates, state, real_params)
-            self._scatter(state, keys, params, group_key)
-            torch._foreach_add_(real_params, updates)
+                updates = run_transform(
+                    self.state,
+                    self.build_transform(group),
+                    params,
+                    updates,
+                    f"group{index}",
+                    step_on_device=group.get("capturable", False),
+                )
+            torch._foreach_add_([as_real(p) for p in params], updates)
         return loss
-
-
-def _rebuild(template: Any, leaves: Any) -> Any:
-    if hasattr(template, "_fields"):
-        return next(leaves)
-    return tuple(_rebuild(part, leaves) for part in template)
 
 
 class Transformed(TransformOptimizer):
@@ -247,7 +179,13 @@ class Transformed(TransformOptimizer):
     """
 
     def __init__(
-        self, params: ParamsT, transform: Transform, lr: float | Tensor = 1e-3, *, maximize: bool = False, **defaults: Any
+        self,
+        params: ParamsT,
+        transform: Transform,
+        lr: float | Tensor = 1e-3,
+        *,
+        maximize: bool = False,
+        **defaults: Any,
     ) -> None:
         if not isinstance(transform, Transform):
             raise TypeError(f"transform must be a steadygrad Transform, got {type(transform).__name__}")

@@ -111,9 +111,7 @@ def scale_by_rss(
         return ScaleByRssState(step=new_steps(params), sum=zeros_like(params, initial_accumulator_value))
 
     def update(updates, state, params=None):
-        updates = rss_update(
-            updates, state.sum, state.step, eps=eps, lr_decay=lr_decay, eps_in_sqrt=eps_in_sqrt
-        )
+        updates = rss_update(updates, state.sum, state.step, eps=eps, lr_decay=lr_decay, eps_in_sqrt=eps_in_sqrt)
         return updates, state
 
     return Transform(init, update)
