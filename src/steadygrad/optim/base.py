@@ -69,6 +69,14 @@ def check_betas(betas: Any) -> tuple[Any, Any]:
     return tuple(b.reshape(()) if isinstance(b, Tensor) else b for b in betas)  # type: ignore[return-value]
 
 
+def _refuse_unordered(params: Any) -> None:
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the ordering of "
+            "tensors in sets changes between runs; use a list"
+        )
+
+
 class TransformOptimizer(Optimizer):
     """Base of the steadygrad optimizers: a ``torch.optim.Optimizer`` that runs a transform.
 
@@ -82,6 +90,7 @@ class TransformOptimizer(Optimizer):
     """
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        _refuse_unordered(params)
         if defaults.get("differentiable", False):
             raise ValueError("differentiable=True is not supported by steadygrad optimizers")
         if defaults.get("fused", None):
@@ -96,12 +105,8 @@ class TransformOptimizer(Optimizer):
         params = param_group["params"]
         if isinstance(params, Tensor):
             params = [params]
-        elif isinstance(params, set):
-            raise TypeError(
-                "optimizer parameters need to be organized in ordered collections, but the ordering "
-                "of tensors in sets will change between runs; use a list"
-            )
         else:
+            _refuse_unordered(params)
             params = list(params)
         seen: set[int] = set()
         for p in params:

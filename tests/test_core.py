@@ -1,0 +1,173 @@
+"""The transform core: chain, state layout and storage, the in-place rule, hyperparameter
+context, commit gate, and the tensor-list helpers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import steadygrad as sg
+from steadygrad.core import commit_gate, gated, group_hyperparameter, hyperparameters, state_leaves
+from steadygrad.core.state import run_transform, state_keys
+from steadygrad.core.tensorlist import bias_correction, group_by_device_dtype
+
+from ._parity import assert_same_run, clone_params, make_params, train_step
+
+ALL_TRANSFORMS = {
+    "scale_by_rss": lambda: sg.scale_by_rss(lr_decay=0.1),
+    "scale_by_rms": lambda: sg.scale_by_rms(centered=True),
+    "scale_by_adam": lambda: sg.scale_by_adam(amsgrad=True),
+    "trace": lambda: sg.trace(0.9, nesterov=True),
+    "add_decayed_weights": lambda: sg.add_decayed_weights(0.1),
+    "scale": lambda: sg.scale(-0.5),
+    "scale_by_lr": lambda: sg.scale_by_lr(lr=0.1),
+    "identity": sg.identity,
+}
+
+
+@pytest.mark.parametrize("name", ALL_TRANSFORMS)
+def test_in_place_rule_params_are_read_only_and_results_are_what_is_returned(name):
+    """Transforms never write params; the returned updates/state are the result, and running on
+    copies of the inputs gives the same result as running on the originals."""
+    params = [torch.randn(3, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    saved = [p.clone() for p in params]
+    t = ALL_TRANSFORMS[name]()
+    state_a, state_b = t.init(params), t.init(params)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        out_a, state_a = t.update([g.clone() for g in grads], state_a, params)
+        out_b, state_b = t.update(grads, state_b, params)
+        for a, b in zip(out_a, out_b):
+            assert torch.equal(a, b)
+    for p, s in zip(params, saved):
+        assert torch.equal(p, s)
+
+
+def test_in_place_rule_updates_are_reused_not_copied():
+    """torch-style memory: a chain writes into the update buffers it was given."""
+    params = [torch.randn(5, dtype=torch.float64)]
+    t = sg.chain(sg.scale_by_adam(), sg.add_decayed_weights(0.1), sg.scale_by_lr(lr=0.1))
+    updates = [torch.randn(5, dtype=torch.float64)]
+    out, _ = t.update(updates, t.init(params), params)
+    assert out[0] is updates[0]
+
+
+def test_chain_composes_in_order():
+    params = [torch.ones(2, dtype=torch.float64)]
+    t = sg.chain(sg.scale(2.0), sg.add_decayed_weights(1.0), sg.scale(3.0))
+    out, state = t.update([torch.tensor([1.0, -1.0], dtype=torch.float64)], t.init(params), params)
+    assert out[0].tolist() == [(2 + 1) * 3, (-2 + 1) * 3] and state == ((), (), ())
+
+
+def test_chain_rejects_non_transforms_and_wrong_state():
+    with pytest.raises(TypeError, match="argument 1"):
+        sg.chain(sg.identity(), lambda x: x)
+    t = sg.chain(sg.identity(), sg.identity())
+    with pytest.raises(ValueError, match="2 transforms"):
+        t.update([torch.zeros(1)], (sg.EmptyState(),), None)
+
+
+def test_state_leaves_and_storage_keys_deduplicate_by_position():
+    t = sg.chain(sg.scale_by_adam(), sg.chain(sg.trace(0.9), sg.scale_by_rss()))
+    template = t.init([])
+    assert [path for path, _ in state_leaves(template)] == [(0,), (1, 0), (1, 1)]
+    keys = [k.key for k in state_keys(template)]
+    assert keys == ["step", "exp_avg", "exp_avg_sq", "momentum_buffer", "1.1.step", "sum"]
+
+
+class _CountState(NamedTuple):
+    calls: torch.Tensor  # shared by all parameters
+    seen: list[torch.Tensor]  # per parameter
+
+
+def _counting():
+    """A test transform with one shared and one per-parameter field."""
+
+    def init(params):
+        return _CountState(torch.zeros(()), [torch.zeros(()) for _ in params])
+
+    def update(updates, state, params=None):
+        return updates, _CountState(state.calls + 1, [s + 1 for s in state.seen])
+
+    return sg.Transform(init, update)
+
+
+def test_shared_and_per_parameter_state_in_an_optimizer_and_its_state_dict():
+    params = make_params()
+    opt = sg.optim.Transformed(params, sg.chain(_counting(), sg.scale_by_lr()), lr=0.1)
+    for step in range(6):
+        train_step(params, opt, step)
+    assert opt.state["group0"]["calls"].item() == 6
+    assert opt.state[params[0]]["seen"].item() == 6 and opt.state[params[4]]["seen"].item() == 4
+    sd = opt.state_dict()
+    fresh = sg.optim.Transformed(params, sg.chain(_counting(), sg.scale_by_lr()), lr=0.1)
+    fresh.load_state_dict(sd)
+    train_step(params, fresh, 6)
+    assert fresh.state["group0"]["calls"].item() == 7
+
+
+def test_run_transform_returns_new_state_tensors_to_the_store():
+    store = defaultdict(dict)
+    params = [torch.zeros(2)]
+    run_transform(store, _counting(), params, [torch.ones(2)], "shared")
+    run_transform(store, _counting(), params, [torch.ones(2)], "shared")
+    assert store["shared"]["calls"].item() == 2 and store[params[0]]["seen"].item() == 2
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_transformed_chain_equals_the_named_optimizer(decoupled):
+    params_a = make_params()
+    params_b = clone_params(params_a)
+    named = sg.optim.Adam(params_a, lr=0.01, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    parts = [sg.add_decayed_weights(0.1), sg.scale_by_adam()]
+    chain = sg.chain(*(parts[::-1] if decoupled else parts), sg.scale_by_lr())
+    custom = sg.optim.Transformed(params_b, chain, lr=0.01)
+    for step in range(10):
+        train_step(params_a, named, step)
+        train_step(params_b, custom, step)
+    assert_same_run(params_b, custom, params_a, named, rtol=0.0)
+
+
+def test_scale_by_lr_reads_the_group_and_explains_itself_outside_an_optimizer():
+    t = sg.scale_by_lr()
+    with hyperparameters({"lr": 0.5}):
+        out, _ = t.update([torch.ones(2)], t.init([]), None)
+        assert group_hyperparameter("lr") == 0.5
+    assert out[0].tolist() == [-0.5, -0.5]
+    with pytest.raises(RuntimeError, match="scale_by_lr"):
+        t.update([torch.ones(2)], t.init([]), None)
+
+
+def test_commit_gate_context():
+    assert commit_gate() is None
+    g = torch.tensor(0.0)
+    with gated(g):
+        assert commit_gate() is g
+    assert commit_gate() is None
+
+
+def test_group_by_device_dtype_keeps_first_seen_order():
+    ts = [torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(2), torch.zeros(1, dtype=torch.bfloat16)]
+    groups = group_by_device_dtype(ts)
+    cpu = torch.device("cpu")
+    assert list(groups.items()) == [
+        ((cpu, torch.float32), [0, 2]),
+        ((cpu, torch.float64), [1]),
+        ((cpu, torch.bfloat16), [3]),
+    ]
+
+
+def test_bias_correction_is_double_precision_per_counter():
+    steps = [torch.tensor(1.0), torch.tensor(3.0), torch.tensor(40.0)]
+    got = bias_correction(0.999, steps)
+    assert all(g.dtype == torch.float64 for g in got)
+    assert [g.item() for g in got] == [1 - 0.999**1, 1 - 0.999**3, 1 - 0.999**40]
+    assert [g.item() for g in bias_correction(0.9, steps, offset=1)][1] == 1 - 0.9**2
+
+
+def test_a_set_inside_a_param_group_raises_type_error():
+    with pytest.raises(TypeError, match="ordered"):
+        sg.optim.Adam([{"params": {torch.nn.Parameter(torch.zeros(1))}}])

@@ -1,0 +1,125 @@
+"""Bad input gets a clear error naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import steadygrad as sg
+
+NAN, INF = math.nan, math.inf
+
+
+def params():
+    return [torch.nn.Parameter(torch.randn(3))]
+
+
+BAD = [
+    # (optimizer, argument, bad values); every optimizer also gets the lr cases
+    ("Adagrad", "lr_decay", [-0.1, NAN, INF]),
+    ("Adagrad", "weight_decay", [-1e-4, NAN]),
+    ("Adagrad", "initial_accumulator_value", [-0.1, NAN]),
+    ("Adagrad", "eps", [0.0, -1e-10, NAN]),
+    ("RMSprop", "alpha", [1.5, 1.0, -0.1, NAN]),  # torch accepts alpha=1.5
+    ("RMSprop", "eps", [0.0, NAN]),  # torch accepts eps=0
+    ("RMSprop", "momentum", [-0.1, 1.0, NAN]),
+    ("RMSprop", "weight_decay", [-0.1, NAN]),
+    ("Adam", "eps", [0.0, -1e-8, NAN]),
+    ("Adam", "weight_decay", [-0.1, NAN]),
+    ("AdamW", "weight_decay", [-0.1, NAN, INF]),
+    ("AdamW", "eps", [0.0, NAN]),
+] + [(name, "lr", [-1e-3, NAN, INF, torch.tensor(NAN)]) for name in ("Adagrad", "RMSprop", "Adam", "AdamW")]
+
+CASES = [(name, arg, value) for name, arg, values in BAD for value in values]
+
+
+@pytest.mark.parametrize(("name", "arg", "value"), CASES, ids=[f"{n}-{a}={v}" for n, a, v in CASES])
+def test_out_of_range_or_nan_raises_value_error_naming_the_argument(name, arg, value):
+    with pytest.raises(ValueError, match=arg):
+        getattr(sg.optim, name)(params(), **{arg: value})
+
+
+BAD_BETAS = [(1.0, 0.999), (0.9, 1.0), (-0.1, 0.999), (NAN, 0.999), (0.9, NAN), (0.9,), (torch.tensor(0.9), 0.999)]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("betas", BAD_BETAS, ids=[str(b) for b in BAD_BETAS])
+def test_bad_betas(name, betas):
+    with pytest.raises(ValueError, match="beta"):
+        getattr(sg.optim, name)(params(), betas=betas)
+
+
+def test_tensor_lr_must_have_one_element():
+    with pytest.raises(ValueError, match="lr"):
+        sg.optim.Adam(params(), lr=torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_a_set_of_parameters_raises_type_error(name):
+    with pytest.raises(TypeError, match="ordered"):
+        getattr(sg.optim, name)(set(params()))
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_a_parameter_listed_twice_raises(name):
+    p = params()[0]
+    with pytest.raises(ValueError, match="twice"):
+        getattr(sg.optim, name)([p, p])
+
+
+def test_a_parameter_in_two_groups_raises():
+    p = params()[0]
+    with pytest.raises(ValueError, match="more than one"):
+        sg.optim.Adam([{"params": [p]}, {"params": [p], "lr": 0.1}])
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_a_non_leaf_tensor_raises(name):
+    leaf = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        getattr(sg.optim, name)([leaf * 2])
+
+
+def test_a_single_tensor_is_not_an_iterable_of_parameters():
+    with pytest.raises(TypeError):
+        sg.optim.Adam(torch.nn.Parameter(torch.randn(3)))
+
+
+@pytest.mark.parametrize("flag", [{"differentiable": True}, {"fused": True}])
+def test_unsupported_modes_are_refused(flag):
+    with pytest.raises(ValueError, match=next(iter(flag))):
+        sg.optim.Adam(params(), **flag)
+
+
+def test_sparse_gradients_raise_a_clear_error():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = sg.optim.Adagrad(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_transformed_checks_its_arguments():
+    with pytest.raises(TypeError, match="Transform"):
+        sg.optim.Transformed(params(), lambda g: g)
+    with pytest.raises(ValueError, match="lr"):
+        sg.optim.Transformed(params(), sg.scale_by_lr(), lr=NAN)
+
+
+def test_torch_would_have_accepted_and_diverged():
+    """The refusals are not pedantry: torch accepts alpha=1.5 and eps=0 and produces NaN."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    opt = torch.optim.RMSprop([p], alpha=1.5, lr=0.01)
+    for _ in range(5):
+        opt.zero_grad()
+        (p**2).sum().backward()
+        opt.step()
+    assert torch.isnan(p).any()
+    q = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    opt = torch.optim.Adam([q], eps=0.0)
+    opt.zero_grad()
+    (q[0] ** 2).backward()
+    opt.step()
+    assert torch.isnan(q).any()
