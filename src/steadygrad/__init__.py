@@ -4,6 +4,7 @@
 """
 
 from . import optim
+from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .core import EmptyState, Transform, chain, group_by_device_dtype, identity
 from .transforms import (
     add_decayed_weights,
@@ -22,6 +23,10 @@ __all__ = [
     "Transform",
     "add_decayed_weights",
     "chain",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
     "group_by_device_dtype",
     "identity",
     "optim",

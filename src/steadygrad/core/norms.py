@@ -1,0 +1,505 @@
+"""Norms of lists of tensors, and their all-reduce across ranks: the one place for norms.
+
+Every norm in steadygrad comes from here, so that all of them follow the same rules:
+
+* **Wide accumulation.** A norm is computed in float32 or wider whatever the tensor's dtype:
+  float64 (and complex128) tensors in float64, everything else (float32, float16, bfloat16,
+  complex64) in float32. A finite float16 gradient whose norm exceeds 65504 has a finite norm.
+* **p-norms.** ``norm_type`` is a real ``p > 0`` or ``inf`` (see :func:`check_norm_type`):
+  :math:`\\|x\\|_p = (\\sum_i |x_i|^p)^{1/p}` and :math:`\\|x\\|_\\infty = \\max_i |x_i|`, over the
+  complex values themselves for complex tensors (as ``torch.linalg.vector_norm``). The norm of a
+  zero-element tensor is 0, for ``p = inf`` too (torch raises there).
+* **No host sync.** Nothing here reads a tensor's value on the host or branches on it; the
+  results stay on the device (:func:`total_norm` and :func:`clip_coefficient` run under
+  ``torch.compile(fullgraph=True)``).
+* **One all-reduce.** :func:`total_norm` with ``process_group`` reduces the local partial
+  :math:`\\sum |x|^p` (``max |x|`` for ``inf``) with a single all-reduce, in float64.
+* **DTensor.** A DTensor (FSDP2, tensor parallel) contributes its local shard, reduced over the
+  dimensions of its device mesh along which it is sharded, so the result is the norm of the full
+  tensor and replicas are counted once. ``Shard`` (and ``_StridedShard``) and ``Replicate``
+  placements are supported; ``Partial`` raises ``ValueError`` (the local values are not elements
+  of the tensor: redistribute first).
+
+Norms are statistics, not part of the model: the functions run under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn import Parameter
+
+from .tensorlist import group_by_device_dtype
+
+__all__ = [
+    "CLIP_EPS",
+    "WORLD",
+    "check_norm_type",
+    "check_threshold",
+    "clip_coefficient",
+    "local_shard",
+    "norm_dtype",
+    "scale_",
+    "tensor_norms",
+    "total_norm",
+    "use_foreach",
+    "wide_dtype",
+]
+
+#: Added to the norm in the clip coefficient ``max_norm / (norm + CLIP_EPS)`` (torch's value).
+CLIP_EPS: Final = 1e-6
+
+#: ``process_group=WORLD`` (the string ``"world"``) reduces over the default process group,
+#: resolved when the norm is computed (``torch.distributed`` must be initialised by then).
+WORLD: Final = "world"
+
+# Device types with foreach kernels (torch's list, plus the CPU, which runs them as a loop).
+try:
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+    _FOREACH_DEVICES: frozenset[str] = frozenset(["cpu", *_get_foreach_kernels_supported_devices()])
+except ImportError:  # pragma: no cover - older or trimmed torch builds
+    _FOREACH_DEVICES = frozenset(["cpu", "cuda", "xpu", torch._C._get_privateuse1_backend_name()])
+
+_PLAIN_TYPES = (Tensor, Parameter)
+_DOUBLE = (torch.float64, torch.complex128)
+
+
+def check_norm_type(norm_type: Any) -> float:
+    """Validates a norm order and returns it as a float.
+
+    Accepted: a real number ``p > 0`` (``int``, ``float``, a NumPy scalar), ``inf``, and a string
+    that ``float()`` reads as such (``"inf"``, ``"2"``), as torch's ``clip_grad_norm_`` does.
+    Rejected with ``ValueError``: ``p <= 0`` (torch's ``p = 0`` counts non-zeros, which is no
+    norm to clip by), ``-inf``, NaN, booleans, and other strings, ``"fro"`` and ``"nuc"``
+    included (matrix norms; torch's ``clip_grad_norm_`` rejects them too).
+
+    Raises:
+        ValueError: ``norm_type`` is not one of the accepted values.
+    """
+    value: float | None = None
+    if isinstance(norm_type, numbers.Real) and not isinstance(norm_type, bool):
+        value = float(norm_type)
+    elif isinstance(norm_type, str):
+        try:
+            value = float(norm_type)
+        except ValueError:
+            value = None
+    if value is None or math.isnan(value) or value <= 0:
+        raise ValueError(f"norm_type must be a number > 0 or inf (or the string 'inf'), got {norm_type!r}")
+    return value
+
+
+def check_threshold(value: Any, name: str) -> float:
+    """Validates a clipping threshold (``max_norm``, ``clip_value``) and returns it as a float.
+
+    A real number ``> 0`` (``inf`` allowed: nothing is clipped) or a 0-d tensor holding one; a
+    tensor is read on the host (a device sync for accelerator tensors, as torch's ``float()``).
+
+    Raises:
+        ValueError: ``value`` is ``<= 0``, NaN, a boolean, or not a number; the message names
+            ``name``.
+    """
+    number: float | None = None
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        if value.dtype != torch.bool:
+            number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or math.isnan(number) or number <= 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return number
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype in which a tensor of ``dtype`` is normed: float64 for float64 and
+    complex128, float32 for everything else (float32, float16, bfloat16, complex64, ...)."""
+    return torch.float64 if dtype in _DOUBLE else torch.float32
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is widened to before norming or scaling: at least float32 precision,
+    complex tensors staying complex (their norm is over the complex values)."""
+    if dtype in _DOUBLE:
+        return dtype
+    return torch.complex64 if dtype.is_complex else torch.float32
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor) -> Tensor:
+    """The factor that scales gradients of norm ``total_norm`` to at most ``max_norm``.
+
+    .. math::
+        c = \\min\\left(1,\\; \\frac{\\text{max\\_norm}}{\\text{total\\_norm} + 10^{-6}}\\right)
+
+    as torch's ``clip_grad_norm_``: ``c = 1`` exactly when the norm is small enough, NaN when
+    the norm is NaN, 0 when it is inf. Computed on ``total_norm``'s device in float32 or wider
+    (an fp16 ``total_norm`` is widened first), without reading anything on the host.
+
+    Args:
+        total_norm: the norm, a 0-d tensor.
+        max_norm: the largest norm allowed, a number or a 0-d tensor (not validated here).
+    """
+    norm = total_norm.to(norm_dtype(total_norm.dtype))
+    return torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """The tensor this rank holds: a DTensor's local shard (sharing its storage, so that
+    in-place changes reach the DTensor), any other tensor itself."""
+    if type(tensor) in _PLAIN_TYPES or not _is_dtensor(tensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local()
+
+
+@torch.no_grad()
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None) -> list[Tensor]:
+    """The p-norm of each tensor, as a 0-d tensor on that tensor's device.
+
+    .. math::
+        n_i = \\Big(\\sum_j |x_{ij}|^p\\Big)^{1/p}, \\qquad
+        n_i = \\max_j |x_{ij}| \\;\\text{ for } p = \\infty
+
+    The dtype of ``n_i`` is :func:`norm_dtype` of the tensor's dtype (float32 or float64); a
+    zero-element tensor has norm 0. Tensors are normed with one ``torch._foreach_norm`` per
+    (device, dtype) group. For a DTensor the norm is that of the full tensor: the local shards'
+    partial sums are all-reduced over the mesh dimensions it is sharded on (one all-reduce per
+    such mesh dimension for all DTensors together), so every rank must call this with the
+    same DTensors.
+
+    Args:
+        tensors: the tensors (any dtype that torch can norm, any devices).
+        norm_type: ``p``, see :func:`check_norm_type`.
+        foreach: ``None`` uses the foreach kernels where the device has them; ``True`` insists
+            (``RuntimeError`` on other devices); ``False`` norms one tensor at a time.
+
+    Raises:
+        ValueError: a bad ``norm_type``, or a DTensor with a ``Partial`` placement.
+    """
+    p = check_norm_type(norm_type)
+    locals_, specs = _split_dtensors(tensors)
+    norms = _local_norms(locals_, p, foreach)
+    sharded = [i for i, spec in enumerate(specs) if spec is not None and spec[1]]
+    if sharded:
+        partials = [_partial(norms[i], p) for i in sharded]
+        reduced = _reduce_over_meshes(partials, [specs[i] for i in sharded], p)
+        for i, r in zip(sharded, reduced):
+            norms[i] = _finish(r, p).to(norms[i].dtype)
+    return norms
+
+
+@torch.no_grad()
+def total_norm(
+    tensors: Sequence[Tensor],
+    norm_type: float = 2.0,
+    process_group: Any = None,
+    *,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The p-norm of all tensors together, as if they were concatenated into one vector.
+
+    .. math::
+        \\|g\\|_p = \\Big(\\sum_{\\text{ranks}} \\sum_i \\sum_j |g_{ij}|^p\\Big)^{1/p}, \\qquad
+        \\|g\\|_\\infty = \\max_{\\text{ranks}, i, j} |g_{ij}|
+
+    The result is a 0-d tensor on the device of the first tensor, in float64 if any tensor is
+    float64 or complex128 and in float32 otherwise (never float16/bfloat16). An empty list gives
+    0 (as torch: ``tensor(0.)`` on the CPU when there is no process group). Nothing is read on
+    the host.
+
+    Distributed use:
+        * ``process_group`` (a ``torch.distributed`` process group, or :data:`WORLD` for the
+          default group): the ranks of the group hold *different* tensors (parameter shards,
+          pipeline stages) and the result is the norm over all of them, the same on every rank.
+          The local partial (:math:`\\sum |g|^p`, or :math:`\\max |g|` for inf) is reduced with
+          exactly one all-reduce (SUM, or MAX for inf) in float64. Every rank of the group must
+          call this, also a rank with no tensors (it contributes 0).
+        * DTensors (FSDP2, tensor parallel) need no ``process_group``: each contributes the
+          partial of its local shard, reduced over the mesh dimensions it is sharded on
+          (``Shard``/``_StridedShard``); ``Replicate`` dimensions are not reduced, so replicas
+          count once. That is one all-reduce per sharded mesh dimension (FSDP2: one), for all
+          DTensors together. ``process_group`` then reduces further over ranks holding other
+          DTensors (pipeline stages). A plain tensor next to DTensors counts once per rank of
+          ``process_group`` (i.e. it is taken to be replicated over the DTensors' mesh). The
+          result is a plain tensor holding the full norm (not a DTensor).
+
+    Args:
+        tensors: the tensors, e.g. the gradients.
+        norm_type: ``p``, see :func:`check_norm_type`.
+        process_group: ``None`` (this rank's tensors only, plus the DTensor reduction), a
+            process group, or :data:`WORLD`.
+        foreach: as in :func:`tensor_norms`.
+
+    Raises:
+        ValueError: a bad ``norm_type`` or ``process_group`` string, or a DTensor with a
+            ``Partial`` placement.
+        TypeError: ``process_group`` is not a process group.
+        RuntimeError: ``process_group`` is given but torch.distributed is not available or not
+            initialised.
+    """
+    p = check_norm_type(norm_type)
+    group = _resolve_group(process_group)
+    tensors = list(tensors)
+    if not tensors:
+        dtype = norm_dtype(torch.get_default_dtype())
+        if group is None:
+            return torch.zeros((), dtype=dtype)
+        partial = torch.zeros((), dtype=torch.float64, device=_group_device(group))
+        _all_reduce(partial, p, group)
+        return _finish(partial, p).to(dtype)
+
+    device = tensors[0].device
+    locals_, specs = _split_dtensors(tensors)
+    norms = _local_norms(locals_, p, foreach)
+    dtype = norms[0].dtype
+    for n in norms[1:]:
+        dtype = torch.promote_types(dtype, n.dtype)
+
+    # The partial (sum of |x|^p, or max) of the tensors this rank holds whole: plain tensors and
+    # fully replicated DTensors. Sharded DTensors: one partial per (mesh, sharded mesh dims),
+    # all-reduced over those dims, then added.
+    whole = [norms[i].to(device=device, dtype=dtype) for i, s in enumerate(specs) if not (s and s[1])]
+    sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
+    for i, spec in enumerate(specs):
+        if spec is not None and spec[1]:
+            sharded.setdefault(spec, []).append(norms[i].to(device=device, dtype=dtype))
+    pieces = [_partial_of_norms(whole, p)] if whole else []
+    if sharded:
+        keys = list(sharded)
+        reduced = _reduce_over_meshes([_partial_of_norms(sharded[k], p) for k in keys], keys, p)
+        pieces = [t.to(torch.float64) for t in pieces] + [r.to(device) for r in reduced]
+    if len(pieces) == 1:
+        partial = pieces[0]
+    else:
+        stacked = torch.stack(pieces)
+        partial = stacked.amax() if math.isinf(p) else stacked.sum()
+    if group is not None:
+        partial = partial.to(torch.float64)
+        _all_reduce(partial, p, group)
+    return _finish(partial, p).to(dtype)
+
+
+@torch.no_grad()
+def scale_(tensors: Sequence[Tensor], factor: Tensor, *, foreach: bool | None = None) -> None:
+    """``t ← t · factor`` in place for every tensor, computed in float32 or wider.
+
+    Float32/float64/complex tensors are multiplied directly (by ``factor`` cast to their
+    :func:`norm_dtype`); float16/bfloat16 tensors are widened to float32, multiplied and cast
+    back, in chunks of about 2**24 elements of scratch, so that the factor is not rounded to
+    16 bits first. A DTensor is scaled through its local shard. One foreach launch per step and
+    (device, dtype) group; nothing is read on the host.
+
+    Args:
+        tensors: the tensors to scale (e.g. gradients), modified in place.
+        factor: a 0-d tensor, e.g. :func:`clip_coefficient`.
+        foreach: as in :func:`tensor_norms`.
+    """
+    tensors = [local_shard(t) for t in tensors]
+    for (device, dtype), indices in group_by_device_dtype(tensors).items():
+        group = [tensors[i] for i in indices]
+        wide = wide_dtype(dtype)
+        f = factor.to(device=device, dtype=norm_dtype(dtype))
+        fused = use_foreach(group, device, foreach)
+        if wide == dtype:
+            if fused:
+                torch._foreach_mul_(group, f)
+            else:
+                for t in group:
+                    t.mul_(f)
+        elif fused:
+            for chunk in _chunks(group, _WIDEN_CHUNK):
+                scratch = [torch.empty_like(t, dtype=wide) for t in chunk]
+                torch._foreach_copy_(scratch, chunk)
+                torch._foreach_mul_(scratch, f)
+                torch._foreach_copy_(chunk, scratch)
+        else:
+            for t in group:
+                t.copy_(t.to(wide).mul_(f))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _is_sharded(placement: Any) -> bool:
+    from torch.distributed.tensor import Shard
+
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - torch versions where it does not exist
+        return isinstance(placement, Shard)
+    return isinstance(placement, (Shard, _StridedShard))
+
+
+def _split_dtensors(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Any, tuple[int, ...]] | None]]:
+    """The local tensor of each tensor, and for DTensors (mesh, mesh dims it is sharded on)."""
+    locals_: list[Tensor] = []
+    specs: list[tuple[Any, tuple[int, ...]] | None] = []
+    for t in tensors:
+        if type(t) in _PLAIN_TYPES or not _is_dtensor(t):
+            locals_.append(t)
+            specs.append(None)
+            continue
+        dims = []
+        for k, placement in enumerate(t.placements):
+            if _is_sharded(placement):
+                dims.append(k)
+            elif not placement.is_replicate():
+                raise ValueError(
+                    f"norms of DTensors with a {type(placement).__name__} placement ({placement}) "
+                    "are not supported (only Shard and Replicate): redistribute the tensor first"
+                )
+        locals_.append(t.to_local())
+        specs.append((t.device_mesh, tuple(dims)))
+    return locals_, specs
+
+
+def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool | None) -> bool:
+    """Whether to run ``torch._foreach_*`` kernels on ``tensors`` (all on ``device``), following
+    torch.nn.utils' ``foreach`` argument: ``None`` where the device has foreach kernels and the
+    tensors are plain tensors or parameters, ``True`` always (``RuntimeError`` on a device
+    without them), ``False`` never."""
+    if foreach is False:
+        return False
+    supported = device.type in _FOREACH_DEVICES
+    if foreach:
+        if not supported:
+            raise RuntimeError(f"foreach=True, but there are no foreach kernels for {device.type} tensors")
+        return True
+    return supported and all(type(t) in _PLAIN_TYPES for t in tensors)
+
+
+def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+    out: list[Tensor | None] = [None] * len(tensors)
+    for (device, dtype), indices in group_by_device_dtype(tensors).items():
+        compute = wide_dtype(dtype)
+        cast = None if compute == dtype else compute
+        real = norm_dtype(dtype)
+        full = []
+        for i in indices:
+            if tensors[i].numel() == 0:  # torch has no identity for max over nothing
+                out[i] = torch.zeros((), dtype=real, device=device)
+            else:
+                full.append(i)
+        if not full:
+            continue
+        group = [tensors[i] for i in full]
+        if use_foreach(group, device, foreach):
+            norms = torch._foreach_norm(group, p, dtype=cast)
+        else:
+            norms = [torch.linalg.vector_norm(t, p, dtype=cast) for t in group]
+        for i, n in zip(full, norms):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+# Scratch budget (elements) of :func:`scale_` for widening float16/bfloat16 tensors.
+_WIDEN_CHUNK = 1 << 24
+
+
+def _chunks(tensors: list[Tensor], budget: int) -> Iterator[list[Tensor]]:
+    """Consecutive runs of ``tensors`` of about ``budget`` elements (a larger tensor alone)."""
+    chunk: list[Tensor] = []
+    size = 0
+    for t in tensors:
+        if chunk and size + t.numel() > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += t.numel()
+    if chunk:
+        yield chunk
+
+
+def _partial(norm: Tensor, p: float) -> Tensor:
+    """The additive (max for inf) piece of a norm: ``n^p``, or ``n`` for p = 1 and inf."""
+    if p == 1.0 or math.isinf(p):
+        return norm
+    if p == 2.0:
+        return norm * norm
+    return norm.pow(p)
+
+
+def _finish(partial: Tensor, p: float) -> Tensor:
+    """The norm from a combined partial: ``s^(1/p)``."""
+    if p == 1.0 or math.isinf(p):
+        return partial
+    if p == 2.0:
+        return partial.sqrt()
+    return partial.pow(1.0 / p)
+
+
+def _partial_of_norms(norms: list[Tensor], p: float) -> Tensor:
+    """``sum_i n_i^p`` (``max_i n_i`` for inf) of 0-d norms on one device and dtype, vectorized."""
+    x = torch.stack(norms) if len(norms) > 1 else norms[0]
+    return x.amax() if math.isinf(p) else _partial(x, p).sum()
+
+
+def _op(p: float) -> Any:
+    return dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
+
+
+def _all_reduce(t: Tensor, p: float, group: Any) -> None:
+    dist.all_reduce(t, op=_op(p), group=group)
+
+
+def _reduce_over_meshes(partials: list[Tensor], specs: list[tuple[Any, tuple[int, ...]]], p: float) -> list[Tensor]:
+    """All-reduces each partial over the mesh dimensions its DTensor is sharded on, in float64.
+
+    Mesh dimension by mesh dimension: the partials sharded on dimension k go into one vector and
+    are reduced over that dimension's group, so a partial sharded on dims {0, 1} ends up summed
+    over the whole 2-D grid, while one replicated on dim 1 is not summed over it. One all-reduce
+    per (mesh, sharded dimension); the order is that of first appearance, the same on every rank.
+    """
+    out = [t.to(torch.float64) for t in partials]
+    meshes: dict[Any, list[int]] = {}
+    for i, (mesh, _) in enumerate(specs):
+        meshes.setdefault(mesh, []).append(i)
+    for mesh, indices in meshes.items():
+        for k in range(mesh.ndim):
+            chosen = [i for i in indices if k in specs[i][1]]
+            if not chosen:
+                continue
+            buffer = torch.stack([out[i] for i in chosen])
+            _all_reduce(buffer, p, mesh.get_group(k))
+            for j, i in enumerate(chosen):
+                out[i] = buffer[j]
+    return out
+
+
+def _resolve_group(process_group: Any) -> Any:
+    if process_group is None:
+        return None
+    if isinstance(process_group, str):
+        if process_group != WORLD:
+            raise ValueError(f"process_group must be a process group, None or {WORLD!r}, got {process_group!r}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"process_group={WORLD!r} needs torch.distributed to be initialised")
+        return dist.group.WORLD
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup, None or {WORLD!r}, "
+            f"got {type(process_group).__name__}"
+        )
+    return process_group
+
+
+def _group_device(group: Any) -> torch.device:
+    """Where a rank without tensors puts its partial: the device the group's backend reduces on."""
+    try:
+        return torch.device(dist.distributed_c10d._get_object_coll_device(group))
+    except (AttributeError, RuntimeError, ValueError):  # pragma: no cover - other torch versions
+        return torch.device("cpu")

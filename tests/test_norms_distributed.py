@@ -1,0 +1,240 @@
+"""Global norms across ranks: two CPU processes (gloo), each holding different parameters.
+
+One spawn runs every check (process start-up dominates the time); a failing rank makes the
+others fail fast (a 30 s collective timeout) and the parent kills whatever is left at its
+deadline, so a broken collective cannot hang the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+INF = math.inf
+WORLD_SIZE = 2
+SHAPES = [(4, 3), (7,), (0,), (2, 2, 3), (5,), (1,)]
+OWNER = [0, 1, 1, 0, 1, 0]  # which rank holds which parameter
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
+
+
+def _full_params(seed=0, scale=10.0):
+    """The same parameters and gradients on every rank (one seed)."""
+    g = torch.Generator().manual_seed(seed)
+    ps = []
+    for s in SHAPES:
+        p = torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64))
+        p.grad = torch.randn(s, generator=g, dtype=torch.float64) * scale
+        ps.append(p)
+    return ps
+
+
+def _formula_norm(tensors, p):
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return flat.abs().max() if math.isinf(p) else flat.abs().pow(p).sum().pow(1 / p)
+
+
+class _CountingAllReduce:
+    """Wraps dist.all_reduce to count the calls."""
+
+    def __init__(self):
+        self.calls = 0
+        self._original = dist.all_reduce
+
+    def __enter__(self):
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._original
+
+
+def _close(a, b, rtol=1e-13):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=0)
+
+
+def _check_process_group(rank):
+    from steadygrad.clip_grad import clip_grad_norm_, get_total_norm
+    from steadygrad.core.norms import WORLD, tensor_norms, total_norm
+
+    full = _full_params()
+    mine = [p for p, owner in zip(full, OWNER) if owner == rank]
+    world = dist.group.WORLD
+    for p in (2.0, INF):
+        expected = _formula_norm([q.grad for q in full], p)
+        local = total_norm([q.grad for q in mine], p)
+        assert local < expected if p == 2.0 else local <= expected  # a rank alone sees less
+        with _CountingAllReduce() as counter:
+            got = total_norm([q.grad for q in mine], p, world)
+        assert counter.calls == 1
+        _close(got, expected)
+        assert got.dtype == torch.float64
+        _close(total_norm([q.grad for q in mine], p, WORLD), expected)
+        _close(get_total_norm([q.grad for q in mine], p, process_group=world), expected)
+        if p == 2.0:
+            _close(expected, torch.nn.utils.get_total_norm([q.grad for q in full], p))
+
+        # clipping: every rank's gradients scaled by the one global coefficient
+        reference = _full_params()
+        torch.nn.utils.clip_grad_norm_([q for q in reference if q.numel() or p != INF], 1.0, p)
+        to_clip = [q for q, owner in zip(_full_params(), OWNER) if owner == rank]
+        with _CountingAllReduce() as counter:
+            n = clip_grad_norm_(to_clip, 1.0, p, process_group=world)
+        assert counter.calls == 1
+        _close(n, expected)
+        theirs = [q for q, owner in zip(reference, OWNER) if owner == rank]
+        for a, b in zip(to_clip, theirs):
+            _close(a.grad, b.grad)
+
+        # a rank holding nothing still joins the all-reduce and gets the global norm (in the
+        # default dtype's norm dtype: it has no tensor to take the dtype from)
+        held = [q.grad for q in full] if rank == 0 else []
+        got = total_norm(held, p, world)
+        assert got.dtype == (torch.float64 if held else torch.float32)
+        _close(got.double(), expected, rtol=1e-13 if held else 1e-7)
+
+    # per-tensor norms of plain tensors never reduce
+    with _CountingAllReduce() as counter:
+        tensor_norms([q.grad for q in mine])
+    assert counter.calls == 0
+
+
+def _check_dtensor(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    from steadygrad.clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_
+    from steadygrad.core.norms import tensor_norms, total_norm
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    g = torch.Generator().manual_seed(7)
+    layouts = [
+        ((5, 3), [Shard(0)]),  # uneven: 3 + 2 rows
+        ((4, 6), [Shard(1)]),
+        ((6,), [Replicate()]),  # must not be counted twice
+        ((1, 2), [Shard(0)]),  # rank 1 holds an empty shard
+    ]
+    fulls = [torch.randn(s, generator=g, dtype=torch.float64) * 5 for s, _ in layouts]
+    dts = [distribute_tensor(f, mesh, pl) for f, (_, pl) in zip(fulls, layouts)]
+    assert dts[0].to_local().shape[0] == (3 if rank == 0 else 2)
+    for p in (2.0, INF):
+        expected = _formula_norm(fulls, p)
+        with _CountingAllReduce() as counter:
+            got = total_norm(dts, p)
+        assert counter.calls == 1  # one sharded mesh dimension, one all-reduce
+        assert type(got) is torch.Tensor
+        _close(got, expected)
+        with _CountingAllReduce() as counter:
+            per_tensor = tensor_norms(dts, p)
+        assert counter.calls == 1
+        for n, f in zip(per_tensor, fulls):
+            _close(n, _formula_norm([f], p))
+
+    # clip_grad_norm_ on parameters with DTensor gradients (FSDP2's layout)
+    params = []
+    for f, (_, pl) in zip(fulls, layouts):
+        q = torch.nn.Parameter(distribute_tensor(torch.zeros_like(f), mesh, pl))
+        q.grad = distribute_tensor(f.clone(), mesh, pl)
+        params.append(q)
+    reference = [torch.nn.Parameter(torch.zeros_like(f)) for f in fulls]
+    for r, f in zip(reference, fulls):
+        r.grad = f.clone()
+    n_ref = torch.nn.utils.clip_grad_norm_(reference, 2.0)
+    n = clip_grad_norm_(params, 2.0)
+    _close(n, n_ref)
+    for q, r in zip(params, reference):
+        _close(q.grad.full_tensor(), r.grad)
+    clip_grad_value_(params, 0.05)
+    for q, r in zip(params, reference):
+        _close(q.grad.full_tensor(), r.grad.clamp(-0.05, 0.05))
+
+    # clip_grads_with_norm_ takes torch's own (DTensor) norm and makes it whole
+    sharded = params[:2]
+    torch_norm = torch.nn.utils.get_total_norm([q.grad for q in sharded])
+    assert type(torch_norm) is not torch.Tensor  # a DTensor
+    before = [q.grad.full_tensor() for q in sharded]
+    _close(torch_norm.full_tensor(), total_norm([q.grad for q in sharded]))
+    clip_grads_with_norm_(sharded, 0.01, torch_norm)
+    coef = 0.01 / (_formula_norm(before, 2.0) + 1e-6)
+    for q, b in zip(sharded, before):
+        _close(q.grad.full_tensor(), b * coef)
+
+    # a plain tensor next to DTensors counts once (as replicated over the mesh)
+    plain = torch.randn(3, generator=g, dtype=torch.float64)
+    _close(total_norm([*dts, plain]), _formula_norm([*fulls, plain], 2.0))
+
+    # 2-D mesh: a gradient sharded on both dimensions, one sharded on the second only
+    mesh2 = init_device_mesh("cpu", (WORLD_SIZE, 1), mesh_dim_names=("dp", "tp"))
+    a = distribute_tensor(fulls[1], mesh2, [Shard(0), Shard(1)])
+    b = distribute_tensor(fulls[0], mesh2, [Replicate(), Shard(0)])
+    with _CountingAllReduce() as counter:
+        got = total_norm([a, b])
+    assert counter.calls == 2  # mesh dims 0 and 1
+    _close(got, _formula_norm([fulls[1], fulls[0]], 2.0))
+
+    partial = dts[0].redistribute(mesh, [Replicate()])
+    partial = torch.distributed.tensor.DTensor.from_local(partial.to_local() / WORLD_SIZE, mesh, [Partial()])
+    try:
+        total_norm([partial])
+    except ValueError as e:
+        assert "Partial" in str(e)
+    else:
+        raise AssertionError("a Partial DTensor must be refused")
+
+
+def _worker(rank, tmp_dir):
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{tmp_dir}/rendezvous",
+            rank=rank,
+            world_size=WORLD_SIZE,
+            timeout=datetime.timedelta(seconds=30),
+        )
+        try:
+            torch.set_num_threads(1)
+            _check_process_group(rank)
+            _check_dtensor(rank)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        # torch reports one rank's error; keep every rank's for the parent's message
+        with open(f"{tmp_dir}/rank{rank}.err", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_global_norms_two_ranks(tmp_path):
+    context = mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    deadline = time.monotonic() + 90
+    try:
+        while not context.join(timeout=0.5):  # raises ProcessRaisedException if a rank failed
+            if time.monotonic() > deadline:
+                pytest.fail("the ranks did not finish in 90 s")
+    except ProcessException:
+        errors = [
+            f"--- rank {r} ---\n{(tmp_path / f'rank{r}.err').read_text()}"
+            for r in range(WORLD_SIZE)
+            if (tmp_path / f"rank{r}.err").exists()
+        ]
+        pytest.fail("\n".join(errors))
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
