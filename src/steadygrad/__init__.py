@@ -4,6 +4,7 @@
 """
 
 from . import optim
+from .accumulate import GradAccumulator, WindowCounts, WindowEnd
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .core import EmptyState, Transform, chain, group_by_device_dtype, identity
 from .transforms import (
@@ -20,7 +21,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EmptyState",
+    "GradAccumulator",
     "Transform",
+    "WindowCounts",
+    "WindowEnd",
     "add_decayed_weights",
     "chain",
     "clip_grad_norm_",
