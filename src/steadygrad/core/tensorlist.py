@@ -15,10 +15,16 @@ from torch import Tensor
 
 __all__ = [
     "addcmul_",
+    "advance_",
     "as_real",
     "bias_correction",
     "from_real",
+    "gate_ema",
+    "gate_ema_per_tensor",
+    "gate_increment",
+    "gate_open_per_tensor",
     "group_by_device_dtype",
+    "on_device",
     "new_steps",
     "scalar_dtype",
     "zeros_like",
@@ -74,9 +80,9 @@ def from_real(t: Tensor, like: Tensor) -> Tensor:
     return t
 
 
-def addcmul_(out: list[Tensor], a: list[Tensor], b: list[Tensor], value: Scalar) -> None:
-    """``out ← out + value·a·b`` in place, for a number or a 0-d tensor ``value``."""
-    if isinstance(value, Tensor):
+def addcmul_(out: list[Tensor], a: list[Tensor], b: list[Tensor], value: Scalar | list[Tensor]) -> None:
+    """``out ← out + value·a·b`` in place, for a number, a 0-d tensor or one 0-d tensor per element."""
+    if isinstance(value, (Tensor, list)):
         torch._foreach_addcmul_(out, torch._foreach_mul(a, value), b)
     else:
         torch._foreach_addcmul_(out, a, b, value=value)
@@ -93,3 +99,62 @@ def bias_correction(beta: Scalar, steps: Sequence[Tensor], offset: int = 0) -> l
         beta = beta.to(torch.float64)
         return [1 - beta**e for e in exponents]
     return [1 - torch.pow(beta, e) for e in exponents]
+
+
+def on_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` (a no-op when it is there already)."""
+    return t if t.device == device else t.to(device)
+
+
+def gate_ema(beta: Scalar, gate: Tensor | None, device: torch.device) -> tuple[Scalar, Scalar]:
+    """The ``(decay, rate)`` of an EMA ``v ← decay·v + rate·x`` under the commit gate.
+
+    ``(β, 1 − β)`` without a gate (returned as given, numbers stay numbers); with a gate,
+    0-d float64 tensors on ``device``: ``(β, 1 − β)`` where it is open and ``(1, 0)`` where it is
+    closed, so that a closed gate leaves ``v`` bit-for-bit unchanged (for finite ``x``).
+    """
+    if gate is None:
+        return beta, 1 - beta
+    open_ = on_device(gate, device) != 0
+    if isinstance(beta, Tensor):
+        b = beta.to(device=device, dtype=torch.float64)
+    else:
+        b = torch.tensor(beta, dtype=torch.float64, device=device)
+    return torch.where(open_, b, 1.0), torch.where(open_, 1 - b, 0.0)
+
+
+def gate_increment(gate: Tensor | None, counter: Tensor) -> Scalar:
+    """What a step counter advances by under the commit gate: 1, or 1/0 as a tensor on the
+    counter's device (reading a device gate into a CPU counter is a device-to-host copy)."""
+    if gate is None:
+        return 1
+    return (on_device(gate, counter.device) != 0).to(counter.dtype)
+
+
+def gate_ema_per_tensor(
+    beta: Scalar, gate: Tensor | None, tensors: Sequence[Tensor]
+) -> tuple[Scalar | list[Tensor], Scalar | list[Tensor]]:
+    """:func:`gate_ema` for a list of tensors: numbers without a gate, else one ``(decay, rate)``
+    0-d tensor per tensor, on its device (foreach operations take such lists)."""
+    if gate is None:
+        return beta, 1 - beta
+    by_device = {d: gate_ema(beta, gate, d) for d in {t.device for t in tensors}}
+    return [by_device[t.device][0] for t in tensors], [by_device[t.device][1] for t in tensors]
+
+
+def gate_open_per_tensor(gate: Tensor | None, tensors: Sequence[Tensor]) -> Scalar | list[Tensor]:
+    """1 without a gate, else one 0-d float64 tensor per tensor on its device: 1 where the gate is
+    open, 0 where it is closed (a rate that freezes a sum, or an update, under a closed gate)."""
+    if gate is None:
+        return 1
+    by_device = {d: (on_device(gate, d) != 0).to(torch.float64) for d in {t.device for t in tensors}}
+    return [by_device[t.device] for t in tensors]
+
+
+def advance_(counters: Sequence[Tensor], gate: Tensor | None) -> None:
+    """Step counters ``t ← t + 1`` in place, or ``t + gate`` under the commit gate."""
+    if gate is None:
+        torch._foreach_add_(list(counters), 1)
+    else:
+        for c in counters:
+            c.add_(gate_increment(gate, c))

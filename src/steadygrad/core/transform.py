@@ -44,7 +44,7 @@ Skipping a step without a host sync
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -125,22 +125,28 @@ def state_leaves(state: Any, path: tuple[int, ...] = ()) -> Iterator[tuple[tuple
         raise TypeError(f"not a transform state: {type(state).__name__}")
 
 
-# The hyperparameters of the parameter group being stepped. The optimizers of steadygrad.optim set
-# them around each ``update`` call so that transforms such as ``scale_by_lr()`` read the values an
-# LR scheduler or the user wrote into ``param_groups`` at this very step.
-_GROUP: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
-    "steadygrad_param_group", default=None
-)
+# The hyperparameters of the parameter group being stepped, and the commit gate. The optimizers of
+# steadygrad.optim set the group around each ``update`` call so that transforms such as
+# ``scale_by_lr()`` read the values an LR scheduler or the user wrote into ``param_groups`` at this
+# very step. Both live in a thread-local stack (not a ContextVar: torch.compile traces
+# thread-local reads, so an ``update`` that reads them still compiles with fullgraph=True).
+class _Context(threading.local):
+    def __init__(self) -> None:
+        self.groups: list[Mapping[str, Any]] = []
+        self.gates: list[Tensor] = []
+
+
+_CONTEXT = _Context()
 
 
 @contextlib.contextmanager
 def hyperparameters(group: Mapping[str, Any]) -> Iterator[None]:
     """Makes ``group`` (a torch.optim param group) the source of :func:`group_hyperparameter`."""
-    token = _GROUP.set(group)
+    _CONTEXT.groups.append(group)
     try:
         yield
     finally:
-        _GROUP.reset(token)
+        _CONTEXT.groups.pop()
 
 
 def group_hyperparameter(name: str) -> Any:
@@ -150,31 +156,28 @@ def group_hyperparameter(name: str) -> Any:
         RuntimeError: outside a steadygrad optimizer's ``step``.
         KeyError: the group has no such hyperparameter.
     """
-    group = _GROUP.get()
-    if group is None:
+    if not _CONTEXT.groups:
         raise RuntimeError(
             f"the hyperparameter {name!r} is read from the optimizer's parameter group, but no "
             "steadygrad optimizer is stepping; give the value explicitly (e.g. scale_by_lr(lr=1e-3))"
         )
+    group = _CONTEXT.groups[-1]
     if name not in group:
         raise KeyError(f"the parameter group has no hyperparameter {name!r}")
     return group[name]
 
 
-_GATE: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("steadygrad_commit_gate", default=None)
-
-
 @contextlib.contextmanager
 def gated(commit: Tensor) -> Iterator[None]:
     """Runs the enclosed ``update`` calls with the commit gate ``commit`` (a 0-d tensor, 1 or 0)."""
-    token = _GATE.set(commit)
+    _CONTEXT.gates.append(commit)
     try:
         yield
     finally:
-        _GATE.reset(token)
+        _CONTEXT.gates.pop()
 
 
 def commit_gate() -> Tensor | None:
     """The commit gate of the step being taken: ``None`` (commit) or a 0-d tensor, 1 to commit and
     0 to leave every piece of state unchanged. See the module docstring."""
-    return _GATE.get()
+    return _CONTEXT.gates[-1] if _CONTEXT.gates else None

@@ -5,6 +5,12 @@ with foreach operations so that it runs unchanged on many tensors or on one flat
 :class:`~steadygrad.core.transform.Transform` factory around it. The functions follow the in-place
 rule of :mod:`steadygrad.core.transform`: they update the state and overwrite ``updates``.
 
+The commit gate
+    Each ``*_update`` takes ``gate`` (see :mod:`steadygrad.core.transform`): ``None`` commits;
+    a 0-d tensor that is 0 leaves the state bit-for-bit unchanged (the EMA rates and the step
+    increment are multiplied by the gate). The updates are still computed; a caller that skips a
+    step discards them. The factories read :func:`~steadygrad.core.transform.commit_gate`.
+
 Where eps goes
     torch.optim divides by ``sqrt(v) + eps``. TensorFlow, optax's ``adagrad``/``rmsprop`` and the
     d2l book divide by ``sqrt(v + eps)``. ``eps_in_sqrt=True`` selects the latter. The two differ
@@ -19,8 +25,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.tensorlist import Scalar, addcmul_, bias_correction, new_steps, zeros_like
-from ..core.transform import Transform
+from ..core.tensorlist import (
+    Scalar,
+    addcmul_,
+    advance_,
+    bias_correction,
+    gate_ema_per_tensor,
+    gate_open_per_tensor,
+    new_steps,
+    zeros_like,
+)
+from ..core.transform import Transform, commit_gate
 
 __all__ = [
     "ScaleByAdamState",
@@ -66,6 +81,7 @@ def rss_update(
     eps: Scalar,
     lr_decay: float,
     eps_in_sqrt: bool,
+    gate: Tensor | None = None,
 ) -> list[Tensor]:
     """Adagrad's scaling, in place on ``updates``, ``sums`` and ``steps``.
 
@@ -73,8 +89,8 @@ def rss_update(
         t \\leftarrow t + 1,\\quad s \\leftarrow s + g^2,\\quad
         u = \\frac{g}{(1 + (t-1)\\,\\text{lr\\_decay})\\,(\\sqrt{s} + \\epsilon)}
     """
-    torch._foreach_add_(steps, 1)
-    torch._foreach_addcmul_(sums, updates, updates, value=1)
+    advance_(steps, gate)
+    addcmul_(sums, updates, updates, gate_open_per_tensor(gate, sums))
     torch._foreach_div_(updates, _denominator(sums, eps, eps_in_sqrt))
     if lr_decay != 0:
         torch._foreach_div_(updates, [(s.to(torch.float64) - 1) * lr_decay + 1 for s in steps])
@@ -111,7 +127,9 @@ def scale_by_rss(
         return ScaleByRssState(step=new_steps(params), sum=zeros_like(params, initial_accumulator_value))
 
     def update(updates, state, params=None):
-        updates = rss_update(updates, state.sum, state.step, eps=eps, lr_decay=lr_decay, eps_in_sqrt=eps_in_sqrt)
+        updates = rss_update(
+            updates, state.sum, state.step, eps=eps, lr_decay=lr_decay, eps_in_sqrt=eps_in_sqrt, gate=commit_gate()
+        )
         return updates, state
 
     return Transform(init, update)
@@ -140,6 +158,7 @@ def rms_update(
     alpha: Scalar,
     eps: Scalar,
     eps_in_sqrt: bool,
+    gate: Tensor | None = None,
 ) -> list[Tensor]:
     """RMSProp's scaling, in place on ``updates`` and the state; centered iff ``grad_avg`` is given.
 
@@ -148,11 +167,12 @@ def rms_update(
         \\bar g \\leftarrow \\alpha \\bar g + (1-\\alpha) g,\\quad
         u = \\frac{g}{\\sqrt{v - \\bar g^2} + \\epsilon}
     """
-    torch._foreach_add_(steps, 1)
-    torch._foreach_mul_(square_avg, alpha)
-    addcmul_(square_avg, updates, updates, 1 - alpha)
+    advance_(steps, gate)
+    decay, rate = gate_ema_per_tensor(alpha, gate, square_avg)
+    torch._foreach_mul_(square_avg, decay)
+    addcmul_(square_avg, updates, updates, rate)
     if grad_avg is not None:
-        torch._foreach_lerp_(grad_avg, updates, 1 - alpha)
+        torch._foreach_lerp_(grad_avg, updates, rate)
         v = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
     else:
         v = square_avg
@@ -195,7 +215,14 @@ def scale_by_rms(
             raise ValueError("scale_by_rms(centered=True) got a state without grad_avg")
         grad_avg = state.grad_avg if centered else None
         updates = rms_update(
-            updates, state.square_avg, grad_avg, state.step, alpha=alpha, eps=eps, eps_in_sqrt=eps_in_sqrt
+            updates,
+            state.square_avg,
+            grad_avg,
+            state.step,
+            alpha=alpha,
+            eps=eps,
+            eps_in_sqrt=eps_in_sqrt,
+            gate=commit_gate(),
         )
         return updates, state
 
@@ -228,6 +255,7 @@ def adam_update(
     beta2: Scalar,
     eps: Scalar,
     eps_in_sqrt: bool,
+    gate: Tensor | None = None,
 ) -> list[Tensor]:
     """Adam's scaling, in place on ``updates`` and the state; amsgrad iff ``max_exp_avg_sq`` is given.
 
@@ -236,10 +264,11 @@ def adam_update(
         v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,\\quad
         u = \\frac{m / (1-\\beta_1^t)}{\\sqrt{v / (1-\\beta_2^t)} + \\epsilon}
     """
-    torch._foreach_add_(steps, 1)
-    torch._foreach_lerp_(exp_avg, updates, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sq, beta2)
-    addcmul_(exp_avg_sq, updates, updates, 1 - beta2)
+    advance_(steps, gate)
+    torch._foreach_lerp_(exp_avg, updates, gate_ema_per_tensor(beta1, gate, exp_avg)[1])
+    decay, rate = gate_ema_per_tensor(beta2, gate, exp_avg_sq)
+    torch._foreach_mul_(exp_avg_sq, decay)
+    addcmul_(exp_avg_sq, updates, updates, rate)
     if max_exp_avg_sq is not None:
         torch._foreach_maximum_(max_exp_avg_sq, exp_avg_sq)
         second = max_exp_avg_sq
@@ -307,6 +336,7 @@ def scale_by_adam(
             beta2=beta2,
             eps=eps,
             eps_in_sqrt=eps_in_sqrt,
+            gate=commit_gate(),
         )
         return updates, state
 

@@ -8,8 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.tensorlist import Scalar, zeros_like
-from ..core.transform import EmptyState, Transform, group_hyperparameter
+from ..core.tensorlist import Scalar, gate_ema_per_tensor, gate_open_per_tensor, zeros_like
+from ..core.transform import EmptyState, Transform, commit_gate, group_hyperparameter
 
 __all__ = ["TraceState", "add_decayed_weights", "scale", "scale_by_lr", "trace"]
 
@@ -29,6 +29,7 @@ def trace(momentum: Scalar, nesterov: bool = False) -> Transform:
 
     ``b`` starts at zero, so the first step gives ``b_1 = u_1`` as torch's SGD (without
     dampening) and RMSprop do. Equals optax's ``trace(decay=momentum, nesterov=nesterov)``.
+    Under a closed commit gate ``b`` stays unchanged.
     """
 
     def init(params: Sequence[Tensor]) -> TraceState:
@@ -36,8 +37,11 @@ def trace(momentum: Scalar, nesterov: bool = False) -> Transform:
 
     def update(updates, state, params=None):
         buf = state.momentum_buffer
-        torch._foreach_mul_(buf, momentum)
-        torch._foreach_add_(buf, updates)
+        gate = commit_gate()
+        torch._foreach_mul_(buf, gate_ema_per_tensor(momentum, gate, buf)[0])
+        torch._foreach_add_(
+            buf, updates if gate is None else torch._foreach_mul(updates, gate_open_per_tensor(gate, buf))
+        )
         if nesterov:
             torch._foreach_add_(updates, torch._foreach_mul(buf, momentum))
         else:
