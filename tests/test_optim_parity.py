@@ -111,7 +111,8 @@ def test_state_dict_layout_matches_torch(name):
         assert sd_s["state"][i]["step"].dtype == sd_t["state"][i]["step"].dtype
         assert sd_s["state"][i]["step"].device == sd_t["state"][i]["step"].device
     (group_t,), (group_s,) = sd_t["param_groups"], sd_s["param_groups"]
-    assert set(group_s) - set(group_t) == {"eps_in_sqrt"}
+    extras = {"eps_in_sqrt"} if name == "Adagrad" else {"eps_in_sqrt", "moment_clip"}
+    assert set(group_s) - set(group_t) == extras
     for key in group_t:
         assert group_s[key] == group_t[key], key
 
@@ -126,4 +127,5 @@ def test_default_hyperparameters_match_torch():
         for arg, p in sig_t.items():
             assert sig_s[arg].default == p.default, (name, arg)
             assert sig_s[arg].kind == p.kind, (name, arg)
-        assert [a for a in sig_s if a not in sig_t] == ["eps_in_sqrt"], name
+        extras = ["eps_in_sqrt", "clip"] + ([] if name == "Adagrad" else ["moment_clip"])
+        assert [a for a in sig_s if a not in sig_t] == extras, name

@@ -40,8 +40,10 @@ class StateKey(NamedTuple):
     per_param: bool  # a list aligned with the parameters (else one shared tensor)
 
 
-def state_keys(template: Any) -> list[StateKey]:
-    """The storage keys of a transform state (``transform.init([])`` is a cheap template)."""
+def state_keys(template: Any, prefix: str = "") -> list[StateKey]:
+    """The storage keys of a transform state (``transform.init([])`` is a cheap template).
+    Per-parameter keys start with ``prefix`` (a namespace when several transforms share one
+    per-parameter store); shared keys have a slot of their own and keep their names."""
     keys: list[StateKey] = []
     taken: set[str] = set()
     for i, (path, leaf) in enumerate(state_leaves(template)):
@@ -51,7 +53,8 @@ def state_keys(template: Any) -> list[StateKey]:
                 continue
             key = field if field not in taken else ".".join(map(str, path)) + "." + field
             taken.add(key)
-            keys.append(StateKey(i, field, key, isinstance(value, (list, tuple))))
+            per_param = isinstance(value, (list, tuple))
+            keys.append(StateKey(i, field, prefix + key if per_param else key, per_param))
     return keys
 
 
@@ -62,12 +65,13 @@ def init_state(
     keys: Sequence[StateKey] | None = None,
     *,
     step_on_device: bool = False,
+    prefix: str = "",
 ) -> None:
     """Creates the per-parameter state that ``params`` lack (new parameters, or a state field of
     an option switched on since). ``step_on_device`` keeps ``step`` counters on the parameter's
     device in float32 (torch's ``capturable``)."""
     if keys is None:
-        keys = state_keys(transform.init([]))
+        keys = state_keys(transform.init([]), prefix)
     per_param = [k for k in keys if k.per_param]
     missing = [p for p in params if any(k.key not in store[p] for k in per_param)]
     if not missing:
@@ -123,16 +127,17 @@ def run_transform(
     shared_key: Any,
     *,
     step_on_device: bool = False,
+    prefix: str = "",
 ) -> list[Tensor]:
     """One ``transform.update`` for ``params`` with state kept in ``store``.
 
     Creates missing state, gathers it, runs the update (which may consume ``updates``, see the
     in-place rule), stores the new state and returns the updates. ``params`` and ``updates``
     are the original tensors; complex ones are viewed as real here. The returned updates are real
-    views for complex parameters.
+    views for complex parameters. ``prefix`` starts every storage key (a namespace).
     """
     template = transform.init([])
-    keys = state_keys(template)
+    keys = state_keys(template, prefix)
     init_state(store, transform, params, keys, step_on_device=step_on_device)
     state = _gather(store, template, keys, params, shared_key)
     real_updates = [as_real(u) for u in updates]

@@ -38,6 +38,8 @@ class Adagrad(TransformOptimizer):
         differentiable: only ``False``.
         fused: only ``None``/``False``.
         eps_in_sqrt: denominator ``sqrt(s + eps)`` (TensorFlow, optax, d2l).
+        clip: a clipping transform applied to the gradients (of all groups together) before the
+            update, e.g. ``sg.clip_by_norm(1.0)``; see :class:`~steadygrad.optim.TransformOptimizer`.
 
     Differences from torch: sparse gradients raise ``RuntimeError`` (use ``torch.optim.Adagrad``
     or ``torch.optim.SparseAdam`` for sparse embeddings); NaN or out-of-range hyperparameters and
@@ -59,6 +61,7 @@ class Adagrad(TransformOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         eps_in_sqrt: bool = False,
+        clip: Transform | None = None,
     ) -> None:
         check_hyperparameter("lr", lr)
         check_hyperparameter("lr_decay", lr_decay)
@@ -77,7 +80,7 @@ class Adagrad(TransformOptimizer):
             fused=fused,
             eps_in_sqrt=eps_in_sqrt,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, clip=clip)
         for group in self.param_groups:
             init_state(self.state, self.build_transform(group), group["params"])
 

@@ -42,6 +42,13 @@ class Adam(TransformOptimizer):
         fused: only ``None``/``False``.
         decoupled_weight_decay: AdamW's weight decay.
         eps_in_sqrt: denominator ``sqrt(v/(1-β2^t) + eps)`` (optax's ``eps_root``).
+        clip: a clipping transform applied to the gradients (of all groups together) before the
+            update, e.g. ``sg.clip_by_norm(1.0)`` or ``sg.clip_by_moment(k=5)`` (with its own
+            second moment); see :class:`~steadygrad.optim.TransformOptimizer`.
+        moment_clip: ``k > 0`` clips each gradient element to ``±k·sqrt(v̂)`` with Adam's own
+            ``exp_avg_sq`` as the second moment, fed by the unclipped gradient (OpenAI Five's
+            setting; see :func:`steadygrad.scale_by_adam`). No extra memory. The fraction clipped at
+            the last step is in ``state["group<i>"]["fraction_clipped"]``.
     """
 
     def __init__(
@@ -60,11 +67,15 @@ class Adam(TransformOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         eps_in_sqrt: bool = False,
+        clip: Transform | None = None,
+        moment_clip: float | None = None,
     ) -> None:
         check_hyperparameter("lr", lr)
         check_hyperparameter("eps", eps, low_open=True)
         check_hyperparameter("weight_decay", weight_decay)
         betas = check_betas(betas)
+        if moment_clip is not None:
+            check_hyperparameter("moment_clip", moment_clip, low_open=True)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -78,11 +89,12 @@ class Adam(TransformOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
             eps_in_sqrt=eps_in_sqrt,
+            moment_clip=moment_clip,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, clip=clip)
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
-        adam = scale_by_adam(group["betas"], group["eps"], group["amsgrad"], group["eps_in_sqrt"])
+        adam = scale_by_adam(group["betas"], group["eps"], group["amsgrad"], group["eps_in_sqrt"], group["moment_clip"])
         decay = add_decayed_weights(group["weight_decay"])
         if group["decoupled_weight_decay"]:
             return chain(adam, decay, scale_by_lr())
@@ -113,6 +125,8 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         eps_in_sqrt: bool = False,
+        clip: Transform | None = None,
+        moment_clip: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -128,6 +142,8 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             eps_in_sqrt=eps_in_sqrt,
+            clip=clip,
+            moment_clip=moment_clip,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..core.state import run_transform
+from ..core.state import run_transform, state_keys
 from ..core.tensorlist import as_real
-from ..core.transform import Transform, hyperparameters
+from ..core.transform import Transform, hyperparameters, state_leaves
 
 __all__ = ["Transformed", "TransformOptimizer", "check_betas", "check_hyperparameter"]
 
@@ -85,11 +85,23 @@ class TransformOptimizer(Optimizer):
     ``param_groups`` edits take effect at once. Recognised group keys: ``maximize`` (negate the
     gradients first) and ``capturable`` (keep ``step`` counters on the parameter's device).
 
+    ``clip`` (a transform, e.g. ``sg.clip_by_norm(1.0)`` or ``sg.zclip()``) runs first at every
+    step, once over the gradients of all parameter groups together (so a global norm is the norm
+    of all of them, as with ``clip_grad_norm_(model.parameters())``), on the optimizer's copy of
+    the gradients: ``.grad`` is left as it is. Its per-parameter state is stored under keys
+    ``"clip.<name>"`` next to the optimizer's own, its shared state (e.g. ``fraction_clipped``) in
+    ``self.state["clip"]``; both travel in ``state_dict()``.
+
     Differences from torch.optim: a parameter listed twice raises ``ValueError`` (torch warns);
     sparse gradients raise ``RuntimeError``; ``differentiable=True`` and ``fused=True`` are refused.
     """
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], clip: Transform | None = None) -> None:
+        if clip is not None and not isinstance(clip, Transform):
+            raise TypeError(
+                f"clip must be a steadygrad Transform (e.g. sg.clip_by_norm(1.0)), not {type(clip).__name__}"
+            )
+        self.clip = clip
         _refuse_unordered(params)
         if defaults.get("differentiable", False):
             raise ValueError("differentiable=True is not supported by steadygrad optimizers")
@@ -118,6 +130,47 @@ class TransformOptimizer(Optimizer):
         param_group["params"] = params
         super().add_param_group(param_group)
 
+    # Attributes that are not hyperparameters (transforms are functions, not state_dict material)
+    # but must survive copy.deepcopy and pickling, which torch's __getstate__ would drop.
+    _kept_attributes: tuple[str, ...] = ("clip",)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._kept_attributes})
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, keeping the dtype of state that steadygrad stores wider
+        than the parameter.
+
+        torch casts every loaded state tensor except ``step`` to its parameter's dtype. That is
+        right for torch's own keys, which steadygrad creates in the parameter's dtype too, but it
+        would round a clipper's float32 second moment of a bfloat16 parameter (or its step count)
+        to 16 bits. Those entries are cast again, from the saved values, to the dtype the
+        transforms create.
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            parts = [(self.build_transform(group), "")]
+            if self.clip is not None:
+                parts.append((self.clip, "clip."))
+            for index, p in zip(saved_group["params"], group["params"]):
+                values = saved.get(index)
+                if not values:
+                    continue
+                meta = [p.detach().to("meta")]
+                for transform, prefix in parts:
+                    template = transform.init(meta)
+                    leaves = [leaf for _, leaf in state_leaves(template)]
+                    for k in state_keys(template, prefix):
+                        if not k.per_param or k.key not in values or k.key not in self.state[p]:
+                            continue
+                        dtype = getattr(leaves[k.leaf], k.field)[0].dtype
+                        if self.state[p][k.key].dtype != dtype:
+                            device = self.state[p][k.key].device
+                            self.state[p][k.key] = values[k.key].to(device=device, dtype=dtype, copy=True)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -128,6 +181,17 @@ class TransformOptimizer(Optimizer):
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
 
+    def _clip(self, params: list[list[Tensor]], updates: list[list[Tensor]]) -> None:
+        """Runs ``clip`` once over the updates of all groups (a global norm is over all of them),
+        in place; its state is stored under ``"clip."`` keys and in ``self.state["clip"]``."""
+        flat_params = [p for group in params for p in group]
+        flat = [u for group in updates for u in group]
+        clipped = run_transform(self.state, self.clip, flat_params, flat, "clip", prefix="clip.")
+        start = 0
+        for group in updates:
+            group[:] = clipped[start : start + len(group)]
+            start += len(group)
+
     # ---- the step -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -137,6 +201,7 @@ class TransformOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -149,6 +214,10 @@ class TransformOptimizer(Optimizer):
                     )
             grads = [p.grad for p in params]
             updates = torch._foreach_neg(grads) if group.get("maximize", False) else [g.clone() for g in grads]
+            work.append((index, group, params, updates))
+        if self.clip is not None and work:
+            self._clip([params for _, _, params, _ in work], [updates for *_, updates in work])
+        for index, group, params, updates in work:
             with hyperparameters(group):
                 updates = run_transform(
                     self.state,
@@ -172,6 +241,8 @@ class Transformed(TransformOptimizer):
             optimizer's ``lr`` at every step) or another negative scaling.
         lr: the learning rate stored in each parameter group (for schedulers and scale_by_lr).
         maximize: negate the gradients before the transform.
+        clip: a clipping transform run first, over all parameter groups together (see
+            :class:`TransformOptimizer`).
         **defaults: further hyperparameters stored in each parameter group.
 
     Example::
@@ -190,13 +261,16 @@ class Transformed(TransformOptimizer):
         lr: float | Tensor = 1e-3,
         *,
         maximize: bool = False,
+        clip: Transform | None = None,
         **defaults: Any,
     ) -> None:
         if not isinstance(transform, Transform):
             raise TypeError(f"transform must be a steadygrad Transform, got {type(transform).__name__}")
         check_hyperparameter("lr", lr)
         self.transform = transform
-        super().__init__(params, dict(lr=lr, maximize=maximize, **defaults))
+        super().__init__(params, dict(lr=lr, maximize=maximize, **defaults), clip=clip)
+
+    _kept_attributes = ("clip", "transform")
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         return self.transform

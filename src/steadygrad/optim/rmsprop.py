@@ -40,6 +40,12 @@ class RMSprop(TransformOptimizer):
         maximize: ascend instead of descend.
         differentiable: only ``False``.
         eps_in_sqrt: denominator ``sqrt(v - ḡ² + eps)`` (TensorFlow, optax, d2l).
+        clip: a clipping transform applied to the gradients (of all groups together) before the
+            update, e.g. ``sg.clip_by_norm(1.0)``; see :class:`~steadygrad.optim.TransformOptimizer`.
+        moment_clip: ``k > 0`` clips each gradient element to ``±k·sqrt(v̂)`` with RMSprop's own
+            ``square_avg`` as the second moment (OpenAI Five's rule; bias-corrected, fed by the
+            unclipped gradient; see :func:`steadygrad.scale_by_rms`). No extra memory. The fraction
+            clipped at the last step is in ``state["group<i>"]["fraction_clipped"]``.
     """
 
     def __init__(
@@ -57,12 +63,16 @@ class RMSprop(TransformOptimizer):
         differentiable: bool = False,
         *,
         eps_in_sqrt: bool = False,
+        clip: Transform | None = None,
+        moment_clip: float | None = None,
     ) -> None:
         check_hyperparameter("lr", lr)
         check_hyperparameter("alpha", alpha, 0.0, 1.0)
         check_hyperparameter("eps", eps, low_open=True)
         check_hyperparameter("weight_decay", weight_decay)
         check_hyperparameter("momentum", momentum, 0.0, 1.0)
+        if moment_clip is not None:
+            check_hyperparameter("moment_clip", moment_clip, low_open=True)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -75,13 +85,14 @@ class RMSprop(TransformOptimizer):
             maximize=maximize,
             differentiable=differentiable,
             eps_in_sqrt=eps_in_sqrt,
+            moment_clip=moment_clip,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, clip=clip)
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         return chain(
             add_decayed_weights(group["weight_decay"]),
-            scale_by_rms(group["alpha"], group["eps"], group["centered"], group["eps_in_sqrt"]),
+            scale_by_rms(group["alpha"], group["eps"], group["centered"], group["eps_in_sqrt"], group["moment_clip"]),
             trace(group["momentum"]) if group["momentum"] > 0 else identity(),
             scale_by_lr(),
         )

@@ -36,6 +36,7 @@ from ..core.tensorlist import (
     zeros_like,
 )
 from ..core.transform import Transform, commit_gate
+from .clipping import clamp_to_threshold_, commit_select, moment_threshold, new_fraction
 
 __all__ = [
     "ScaleByAdamState",
@@ -141,12 +142,14 @@ def scale_by_rss(
 
 
 class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`: step counters, the running mean of g² and, when centered,
-    the running mean of g (``None`` otherwise)."""
+    """State of :func:`scale_by_rms`: step counters, the running mean of g², when centered the
+    running mean of g, and with ``moment_clip`` the fraction of elements clipped at the last step
+    (``None`` when unused)."""
 
     step: list[Tensor]
     square_avg: list[Tensor]
     grad_avg: list[Tensor] | None
+    fraction_clipped: Tensor | None = None
 
 
 def rms_update(
@@ -159,25 +162,35 @@ def rms_update(
     eps: Scalar,
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
-) -> list[Tensor]:
+    moment_clip: Scalar | None = None,
+) -> tuple[list[Tensor], Tensor | None]:
     """RMSProp's scaling, in place on ``updates`` and the state; centered iff ``grad_avg`` is given.
 
     .. math::
         v \\leftarrow \\alpha v + (1-\\alpha) g^2,\\quad
         \\bar g \\leftarrow \\alpha \\bar g + (1-\\alpha) g,\\quad
         u = \\frac{g}{\\sqrt{v - \\bar g^2} + \\epsilon}
+
+    With ``moment_clip = k``, ``g`` is first clipped per element to ``±k·sqrt(v̂)`` with
+    ``v̂ = v / (1 − α^(t−1))`` from the steps before this one (the first step passes), ``v`` is
+    updated from the *unclipped* ``g`` and ``ḡ`` and ``u`` use the clipped one.
+
+    Returns:
+        ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
+    threshold = None if moment_clip is None else moment_threshold(square_avg, steps, k=moment_clip, beta=alpha)
     advance_(steps, gate)
     decay, rate = gate_ema_per_tensor(alpha, gate, square_avg)
     torch._foreach_mul_(square_avg, decay)
     addcmul_(square_avg, updates, updates, rate)
+    fraction = None if threshold is None else clamp_to_threshold_(updates, threshold)
     if grad_avg is not None:
         torch._foreach_lerp_(grad_avg, updates, rate)
         v = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
     else:
         v = square_avg
     torch._foreach_div_(updates, _denominator(v, eps, eps_in_sqrt))
-    return updates
+    return updates, fraction
 
 
 def scale_by_rms(
@@ -185,6 +198,7 @@ def scale_by_rms(
     eps: float = 1e-8,
     centered: bool = False,
     eps_in_sqrt: bool = False,
+    moment_clip: Scalar | None = None,
 ) -> Transform:
     """RMSProp (Hinton, Lecture 6e, 2012; centered: Graves, 2013): scale by the root of an
     exponential moving average of g².
@@ -195,6 +209,12 @@ def scale_by_rms(
 
     Centered: :math:`\\bar g_t = \\alpha \\bar g_{t-1} + (1-\\alpha) g_t` and the denominator is
     :math:`\\sqrt{v_t - \\bar g_t^2} + \\epsilon`. With ``eps_in_sqrt=True`` eps moves under the root.
+
+    ``moment_clip=k`` clips each gradient element to ``±k·sqrt(v̂)`` first (OpenAI Five's rule,
+    see :func:`steadygrad.clip_by_moment`) with this transform's own ``v`` as the second moment:
+    ``v̂ = v/(1 − α^(t−1))`` from the steps before this one, and ``v`` updated from the
+    *unclipped* gradient, so the clipping needs no memory of its own. ``ḡ`` (centered) and the
+    update use the clipped gradient. The state then holds ``fraction_clipped``.
 
     Differences: equals ``torch.optim.RMSprop`` without momentum and lr (compose with
     :func:`trace` and :func:`scale_by_lr`). optax's ``scale_by_rms(decay, eps,
@@ -208,22 +228,26 @@ def scale_by_rms(
             step=new_steps(params),
             square_avg=zeros_like(params),
             grad_avg=zeros_like(params) if centered else None,
+            fraction_clipped=None if moment_clip is None else new_fraction(params),
         )
 
     def update(updates, state, params=None):
         if centered and state.grad_avg is None:
             raise ValueError("scale_by_rms(centered=True) got a state without grad_avg")
-        grad_avg = state.grad_avg if centered else None
-        updates = rms_update(
+        gate = commit_gate()
+        updates, fraction = rms_update(
             updates,
             state.square_avg,
-            grad_avg,
+            state.grad_avg if centered else None,
             state.step,
             alpha=alpha,
             eps=eps,
             eps_in_sqrt=eps_in_sqrt,
-            gate=commit_gate(),
+            gate=gate,
+            moment_clip=moment_clip,
         )
+        if fraction is not None:
+            state = state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
         return updates, state
 
     return Transform(init, update)
@@ -235,13 +259,15 @@ def scale_by_rms(
 
 
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: step counters, first and second moments and, with
-    amsgrad, the running maximum of the second moment (``None`` otherwise)."""
+    """State of :func:`scale_by_adam`: step counters, first and second moments, with amsgrad the
+    running maximum of the second moment, and with ``moment_clip`` the fraction of elements
+    clipped at the last step (``None`` when unused)."""
 
     step: list[Tensor]
     exp_avg: list[Tensor]
     exp_avg_sq: list[Tensor]
     max_exp_avg_sq: list[Tensor] | None
+    fraction_clipped: Tensor | None = None
 
 
 def adam_update(
@@ -256,19 +282,29 @@ def adam_update(
     eps: Scalar,
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
-) -> list[Tensor]:
+    moment_clip: Scalar | None = None,
+) -> tuple[list[Tensor], Tensor | None]:
     """Adam's scaling, in place on ``updates`` and the state; amsgrad iff ``max_exp_avg_sq`` is given.
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
         v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,\\quad
         u = \\frac{m / (1-\\beta_1^t)}{\\sqrt{v / (1-\\beta_2^t)} + \\epsilon}
+
+    With ``moment_clip = k``, ``g`` is clipped per element to ``±k·sqrt(v̂)`` with
+    ``v̂ = v / (1 − β2^(t−1))`` from the steps before this one (the first step passes); ``v`` is
+    updated from the *unclipped* ``g`` and ``m`` from the clipped one.
+
+    Returns:
+        ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
+    threshold = None if moment_clip is None else moment_threshold(exp_avg_sq, steps, k=moment_clip, beta=beta2)
     advance_(steps, gate)
-    torch._foreach_lerp_(exp_avg, updates, gate_ema_per_tensor(beta1, gate, exp_avg)[1])
     decay, rate = gate_ema_per_tensor(beta2, gate, exp_avg_sq)
     torch._foreach_mul_(exp_avg_sq, decay)
     addcmul_(exp_avg_sq, updates, updates, rate)
+    fraction = None if threshold is None else clamp_to_threshold_(updates, threshold)
+    torch._foreach_lerp_(exp_avg, updates, gate_ema_per_tensor(beta1, gate, exp_avg)[1])
     if max_exp_avg_sq is not None:
         torch._foreach_maximum_(max_exp_avg_sq, exp_avg_sq)
         second = max_exp_avg_sq
@@ -287,7 +323,7 @@ def adam_update(
     torch._foreach_copy_(updates, exp_avg)
     torch._foreach_div_(updates, bc1)
     torch._foreach_div_(updates, den)
-    return updates
+    return updates, fraction
 
 
 def scale_by_adam(
@@ -295,6 +331,7 @@ def scale_by_adam(
     eps: float = 1e-8,
     amsgrad: bool = False,
     eps_in_sqrt: bool = False,
+    moment_clip: Scalar | None = None,
 ) -> Transform:
     """Adam (Kingma and Ba, 2015), with AMSGrad (Reddi, Kale and Kumar, 2018) as an option.
 
@@ -306,6 +343,14 @@ def scale_by_adam(
     AMSGrad replaces :math:`v_t` in the denominator by :math:`\\max_{s \\le t} v_s` (the raw,
     not bias-corrected, second moment, as torch). With ``eps_in_sqrt=True`` the denominator is
     :math:`\\sqrt{v_t/(1-\\beta_2^t) + \\epsilon}`.
+
+    ``moment_clip=k`` is OpenAI Five's setting (Berner et al., 2019: Adam, with gradients
+    "clipped per parameter to be within ±5√v where v is the running estimate of the second moment
+    of the (unclipped) gradient"): each gradient element is clipped to ``±k·sqrt(v̂)`` with Adam's
+    own ``v`` (``v̂ = v/(1 − β2^(t−1))``, the steps before this one; the first step passes), ``v``
+    is updated from the *unclipped* gradient and ``m`` from the clipped one. No extra memory. With
+    amsgrad the limit still uses ``v``, not its maximum. The state then holds
+    ``fraction_clipped``. See :func:`steadygrad.clip_by_moment` for the rule with its own ``v``.
 
     Differences: equals ``torch.optim.Adam`` without lr and weight decay. optax's
     ``scale_by_adam(b1, b2, eps, eps_root)`` equals this with ``eps_in_sqrt=False`` and
@@ -321,12 +366,14 @@ def scale_by_adam(
             exp_avg=zeros_like(params),
             exp_avg_sq=zeros_like(params),
             max_exp_avg_sq=zeros_like(params) if amsgrad else None,
+            fraction_clipped=None if moment_clip is None else new_fraction(params),
         )
 
     def update(updates, state, params=None):
         if amsgrad and state.max_exp_avg_sq is None:
             raise ValueError("scale_by_adam(amsgrad=True) got a state without max_exp_avg_sq")
-        updates = adam_update(
+        gate = commit_gate()
+        updates, fraction = adam_update(
             updates,
             state.exp_avg,
             state.exp_avg_sq,
@@ -336,8 +383,11 @@ def scale_by_adam(
             beta2=beta2,
             eps=eps,
             eps_in_sqrt=eps_in_sqrt,
-            gate=commit_gate(),
+            gate=gate,
+            moment_clip=moment_clip,
         )
+        if fraction is not None:
+            state = state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
         return updates, state
 
     return Transform(init, update)

@@ -106,10 +106,12 @@ __all__ = [
     "clip_by_norm",
     "clip_by_unit_ratio",
     "clip_by_value",
+    "clamp_to_threshold_",
     "clip_update_rms",
     "commit_select",
     "fraction_of",
     "moment_clip_update",
+    "moment_threshold",
     "new_fraction",
     "norm_clip_update",
     "rms_clip_update",
@@ -387,16 +389,7 @@ def moment_clip_update(
     """
     if not (len(updates) == len(nu) == len(count)):
         raise ValueError(f"moment_clip_update: {len(updates)} updates, {len(nu)} nu and {len(count)} count tensors")
-    # The threshold from the state *before* this step: k·sqrt(v / (1 − β^(t−1))), +inf at t = 1.
-    first = [c == 0 for c in count]
-    corrections = bias_correction(beta, count)
-    scales = [torch.where(f, 1.0, bc).rsqrt() * k for f, bc in zip(first, corrections)]
-    floors = [torch.where(f, math.inf, 0.0) for f in first]
-    threshold = torch._foreach_add(nu, floors)
-    torch._foreach_sqrt_(threshold)
-    torch._foreach_mul_(threshold, scales)
-    counts = [torch.count_nonzero(u.abs() > thr) for u, thr in zip(updates, threshold)]
-    total = sum(u.numel() for u in updates)
+    threshold = moment_threshold(nu, count, k=k, beta=beta)
 
     # v from the raw gradient (before it is clipped below), widened to v's dtype.
     raw = [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(updates, nu)]
@@ -408,10 +401,39 @@ def moment_clip_update(
         addcmul_(group, src, src, rate)
     advance_(count, gate)
 
+    return updates, clamp_to_threshold_(updates, threshold)
+
+
+def moment_threshold(nu: list[Tensor], count: list[Tensor], *, k: Scalar, beta: Scalar) -> list[Tensor]:
+    """The OpenAI Five limit per element, from the state *before* this step (a new list).
+
+    .. math::
+        \\tau = k\\sqrt{\\frac{v}{1 - \\beta^{c}}}\\;(c > 0), \\qquad \\tau = +\\infty\\;(c = 0)
+
+    with ``c`` the steps counted so far (per tensor). Branch-free: the first step's limit is
+    ``sqrt(v + inf)``. Used by :func:`moment_clip_update` and by the optimizers' ``moment_clip``
+    (:func:`steadygrad.scale_by_adam`, :func:`steadygrad.scale_by_rms`), which pass their own
+    second moment and step counters.
+    """
+    first = [c == 0 for c in count]
+    corrections = bias_correction(beta, count)
+    scales = [torch.where(f, 1.0, bc).rsqrt() * k for f, bc in zip(first, corrections)]
+    floors = [torch.where(f, math.inf, 0.0) for f in first]
+    threshold = torch._foreach_add(nu, floors)
+    torch._foreach_sqrt_(threshold)
+    torch._foreach_mul_(threshold, scales)
+    return threshold
+
+
+def clamp_to_threshold_(updates: list[Tensor], threshold: list[Tensor]) -> Tensor:
+    """``u ← clamp(u, −τ, τ)`` in place (``threshold`` is consumed); returns the fraction of
+    elements with ``|u| > τ`` as a 0-d float32 tensor."""
+    counts = [torch.count_nonzero(u.abs() > thr) for u, thr in zip(updates, threshold)]
+    total = sum(u.numel() for u in updates)
     torch._foreach_clamp_max_(updates, threshold)
     torch._foreach_neg_(threshold)
     torch._foreach_clamp_min_(updates, threshold)
-    return updates, fraction_of(counts, total)
+    return fraction_of(counts, total)
 
 
 def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
