@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import steadygrad as sg
 from steadygrad.accumulate import GradAccumulator, WindowCounts
 from steadygrad.core import commit_gate
 from steadygrad.optim import Adam
@@ -613,3 +614,54 @@ def test_items_does_not_depend_on_how_the_sequences_are_split(cuts):
     acc = GradAccumulator(model.parameters())
     accumulate(model, acc, mbs)
     assert_grads_close(grads_of(model), token_mean_grads(model, [everything]))
+
+
+@pytest.mark.parametrize(
+    "make_transform",
+    [lambda: sg.zclip(warmup_steps=1), lambda: sg.clip_by_moment(k=3.0, beta=0.9), lambda: sg.autoclip(50.0, history=16)],
+    ids=["zclip", "moment", "autoclip"],
+)
+def test_a_real_clipper_learns_nothing_from_a_step_the_scaler_skips(make_transform):
+    """sg.Clipper through finish_window: its state after the skipped window is bit-for-bit the
+    state before it, and a run with the bad window equals a run without it."""
+
+    def run(with_bad_window):
+        windows = [make_micro_batches(40 + i, shapes) for i, shapes in enumerate(WINDOWS)]
+        model = make_model()
+        opt = Adam(model.parameters(), lr=0.05)
+        clipper = sg.Clipper(model.parameters(), make_transform())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        acc = GradAccumulator(model.parameters(), reduction="items")
+        states = []
+        for w, mbs in enumerate(windows):
+            if w == 1 and not with_bad_window:
+                continue
+            for i, mb in enumerate(mbs):
+                loss = loss_sum(model, mb)
+                if w == 1 and i == 0:
+                    loss = loss * math.inf
+                scaler.scale(loss).backward()
+                acc.count(mb.mask.sum())
+            end = acc.finish_window(opt, scaler, clip=clipper)
+            states.append((float(end.commit), copy.deepcopy(clipper.state_dict())))
+            if w == 1:
+                scaler.update(2.0**12)  # undo the back-off so both runs scale alike afterwards
+        return [p.detach().clone() for p in model.parameters()], states
+
+    params_bad, states_bad = run(True)
+    params_good, states_good = run(False)
+    assert [c for c, _ in states_bad] == [1.0, 0.0, 1.0]
+    assert _state_dicts_equal(states_bad[1][1], states_bad[0][1])
+    assert _state_dicts_equal(states_bad[2][1], states_good[1][1])
+    for a, b in zip(params_bad, params_good):
+        assert torch.equal(a, b)
+
+
+def _state_dicts_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_dicts_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_dicts_equal(x, y) for x, y in zip(a, b))
+    return a == b
