@@ -22,12 +22,15 @@ def grouped(params):
 
 @pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Adam", "AdamW"])
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-def test_clip_by_norm_equals_clip_grad_norm_then_torch_step(name, norm_type):
+@pytest.mark.parametrize("maximize", [False, True])
+def test_clip_by_norm_equals_clip_grad_norm_then_torch_step(name, norm_type, maximize):
     """The norm is over all groups together, exactly as torch.nn.utils.clip_grad_norm_."""
     params_t = make_params()
     params_s = clone_params(params_t)
-    opt_t = getattr(torch.optim, name)(grouped(params_t), weight_decay=0.1)
-    opt_s = getattr(sg.optim, name)(grouped(params_s), weight_decay=0.1, clip=sg.clip_by_norm(0.5, norm_type))
+    opt_t = getattr(torch.optim, name)(grouped(params_t), weight_decay=0.1, maximize=maximize)
+    opt_s = getattr(sg.optim, name)(
+        grouped(params_s), weight_decay=0.1, maximize=maximize, clip=sg.clip_by_norm(0.5, norm_type)
+    )
     for step in range(20):
         opt_t.zero_grad()
         loss_fn(params_t, step).backward()

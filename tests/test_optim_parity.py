@@ -112,6 +112,7 @@ def test_state_dict_layout_matches_torch(name):
         assert sd_s["state"][i]["step"].device == sd_t["state"][i]["step"].device
     (group_t,), (group_s,) = sd_t["param_groups"], sd_s["param_groups"]
     extras = {"eps_in_sqrt"} if name == "Adagrad" else {"eps_in_sqrt", "moment_clip"}
+    extras |= {"fused"} if name == "RMSprop" else set()  # torch's RMSprop has no fused path
     assert set(group_s) - set(group_t) == extras
     for key in group_t:
         assert group_s[key] == group_t[key], key
@@ -128,4 +129,5 @@ def test_default_hyperparameters_match_torch():
             assert sig_s[arg].default == p.default, (name, arg)
             assert sig_s[arg].kind == p.kind, (name, arg)
         extras = ["eps_in_sqrt", "clip"] + ([] if name == "Adagrad" else ["moment_clip"])
+        extras += ["fused"] if name == "RMSprop" else []
         assert [a for a in sig_s if a not in sig_t] == extras, name

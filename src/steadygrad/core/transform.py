@@ -51,9 +51,11 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 __all__ = [
+    "STRUCTURES",
     "EmptyState",
     "Transform",
     "chain",
+    "coarsest_structure",
     "commit_gate",
     "gated",
     "group_hyperparameter",
@@ -63,13 +65,31 @@ __all__ = [
 ]
 
 
+#: ``Transform.structure``: what a transform needs to see of the tensors it is given.
+#: ``"elements"``: nothing: it is element-wise or reduces over everything (a global norm), so it
+#: gives the same result on the tensors concatenated into one flat buffer. ``"units"``: whole rows
+#: along dim 0 (AGC's units) must stay rows; any stacking of equal-length rows is fine.
+#: ``"tensors"``: each tensor must be whole (per-tensor norms), the safe default.
+STRUCTURES = ("elements", "units", "tensors")
+
+
 class Transform(NamedTuple):
     """A gradient transformation: ``init(params) -> state`` and
     ``update(updates, state, params) -> (updates, state)``. See the module docstring for the
-    state layout and the in-place rule."""
+    state layout and the in-place rule.
+
+    ``structure`` (one of :data:`STRUCTURES`) tells what the transform needs to see of the tensors;
+    the fused optimizers (``fused=True``) run transforms that need no more than ``"units"`` on
+    flat buffers. A transform written by hand is ``"tensors"`` unless it says otherwise."""
 
     init: Callable[[Sequence[Tensor]], Any]
     update: Callable[[list[Tensor], Any, Sequence[Tensor] | None], tuple[list[Tensor], Any]]
+    structure: str = "tensors"
+
+
+def coarsest_structure(*structures: str) -> str:
+    """The structure a composition of transforms needs: the most demanding of its parts."""
+    return max(structures, key=STRUCTURES.index) if structures else "elements"
 
 
 class EmptyState(NamedTuple):
@@ -85,7 +105,7 @@ def identity() -> Transform:
     def update(updates, state, params=None):
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 def chain(*transforms: Transform) -> Transform:
@@ -110,7 +130,7 @@ def chain(*transforms: Transform) -> Transform:
             new_state.append(s)
         return updates, tuple(new_state)
 
-    return Transform(init, update)
+    return Transform(init, update, coarsest_structure(*(t.structure for t in transforms)))
 
 
 def state_leaves(state: Any, path: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], NamedTuple]]:

@@ -36,7 +36,7 @@ class Adagrad(TransformOptimizer):
         foreach: accepted for compatibility; the list implementation is always used.
         maximize: ascend instead of descend.
         differentiable: only ``False``.
-        fused: only ``None``/``False``.
+        fused: ``True`` compiles the step over flat buffers (:mod:`steadygrad.kernels.fused`).
         eps_in_sqrt: denominator ``sqrt(s + eps)`` (TensorFlow, optax, d2l).
         clip: a clipping transform applied to the gradients (of all groups together) before the
             update, e.g. ``sg.clip_by_norm(1.0)``; see :class:`~steadygrad.optim.TransformOptimizer`.

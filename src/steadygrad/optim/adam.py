@@ -39,7 +39,7 @@ class Adam(TransformOptimizer):
         maximize: ascend instead of descend.
         capturable: keep the step counters on the parameters' device (CUDA graphs).
         differentiable: only ``False``.
-        fused: only ``None``/``False``.
+        fused: ``True`` compiles the step over flat buffers (:mod:`steadygrad.kernels.fused`).
         decoupled_weight_decay: AdamW's weight decay.
         eps_in_sqrt: denominator ``sqrt(v/(1-β2^t) + eps)`` (optax's ``eps_root``).
         clip: a clipping transform applied to the gradients (of all groups together) before the

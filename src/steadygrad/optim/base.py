@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from ..core.state import run_transform, state_keys
 from ..core.tensorlist import as_real
 from ..core.transform import Transform, hyperparameters, state_leaves
+from ..kernels.fused import FusedStep
 
 __all__ = ["Transformed", "TransformOptimizer", "check_betas", "check_hyperparameter"]
 
@@ -92,8 +93,12 @@ class TransformOptimizer(Optimizer):
     ``"clip.<name>"`` next to the optimizer's own, its shared state (e.g. ``fraction_clipped``) in
     ``self.state["clip"]``; both travel in ``state_dict()``.
 
+    ``fused=True`` runs the same transforms compiled over flat buffers (see
+    :mod:`steadygrad.kernels.fused`): after the first step the parameters, gradients and state
+    are views into one contiguous buffer per group and dtype.
+
     Differences from torch.optim: a parameter listed twice raises ``ValueError`` (torch warns);
-    sparse gradients raise ``RuntimeError``; ``differentiable=True`` and ``fused=True`` are refused.
+    sparse gradients raise ``RuntimeError``; ``differentiable=True`` is refused.
     """
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], clip: Transform | None = None) -> None:
@@ -105,9 +110,10 @@ class TransformOptimizer(Optimizer):
         _refuse_unordered(params)
         if defaults.get("differentiable", False):
             raise ValueError("differentiable=True is not supported by steadygrad optimizers")
-        if defaults.get("fused", None):
-            raise ValueError("fused=True is not available in this version of steadygrad")
+        self._fused = None
         super().__init__(params, defaults)
+        if defaults.get("fused", None):
+            self._fused = FusedStep(self)
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         """The transform for one parameter group at this step."""
@@ -129,10 +135,12 @@ class TransformOptimizer(Optimizer):
             seen.add(id(p))
         param_group["params"] = params
         super().add_param_group(param_group)
+        if getattr(self, "_fused", None) is not None:
+            self._fused.invalidate()
 
     # Attributes that are not hyperparameters (transforms are functions, not state_dict material)
     # but must survive copy.deepcopy and pickling, which torch's __getstate__ would drop.
-    _kept_attributes: tuple[str, ...] = ("clip",)
+    _kept_attributes: tuple[str, ...] = ("clip", "_fused")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -150,6 +158,8 @@ class TransformOptimizer(Optimizer):
         transforms create.
         """
         super().load_state_dict(state_dict)
+        if self._fused is not None:
+            self._fused.invalidate()
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             parts = [(self.build_transform(group), "")]
@@ -192,6 +202,14 @@ class TransformOptimizer(Optimizer):
             group[:] = clipped[start : start + len(group)]
             start += len(group)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, except that with ``fused=True`` the gradients of the flat parameters are
+        zeroed in their buffer and stay views into it (``set_to_none`` does not apply to them:
+        autograd then accumulates into the buffer, which the fused step reads)."""
+        super().zero_grad(set_to_none)
+        if self._fused is not None:
+            self._fused.zero_grad()
+
     # ---- the step -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -201,6 +219,8 @@ class TransformOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._fused is not None and self._fused.step():
+            return loss
         work = []
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
@@ -213,7 +233,7 @@ class TransformOptimizer(Optimizer):
                         "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
                     )
             grads = [p.grad for p in params]
-            updates = torch._foreach_neg(grads) if group.get("maximize", False) else [g.clone() for g in grads]
+            updates = list(torch._foreach_neg(grads)) if group.get("maximize", False) else [g.clone() for g in grads]
             work.append((index, group, params, updates))
         if self.clip is not None and work:
             self._clip([params for _, _, params, _ in work], [updates for *_, updates in work])
@@ -270,7 +290,7 @@ class Transformed(TransformOptimizer):
         self.transform = transform
         super().__init__(params, dict(lr=lr, maximize=maximize, **defaults), clip=clip)
 
-    _kept_attributes = ("clip", "transform")
+    _kept_attributes = ("clip", "_fused", "transform")
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         return self.transform

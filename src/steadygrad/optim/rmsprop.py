@@ -46,6 +46,8 @@ class RMSprop(TransformOptimizer):
             ``square_avg`` as the second moment (OpenAI Five's rule; bias-corrected, fed by the
             unclipped gradient; see :func:`steadygrad.scale_by_rms`). No extra memory. The fraction
             clipped at the last step is in ``state["group<i>"]["fraction_clipped"]``.
+        fused: ``True`` compiles the step over flat buffers (:mod:`steadygrad.kernels.fused`);
+            torch's RMSprop has no fused path.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class RMSprop(TransformOptimizer):
         eps_in_sqrt: bool = False,
         clip: Transform | None = None,
         moment_clip: float | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_hyperparameter("lr", lr)
         check_hyperparameter("alpha", alpha, 0.0, 1.0)
@@ -86,6 +89,7 @@ class RMSprop(TransformOptimizer):
             differentiable=differentiable,
             eps_in_sqrt=eps_in_sqrt,
             moment_clip=moment_clip,
+            fused=fused,
         )
         super().__init__(params, defaults, clip=clip)
 

@@ -93,7 +93,7 @@ def rss_update(
     advance_(steps, gate)
     addcmul_(sums, updates, updates, gate_open_per_tensor(gate, sums))
     torch._foreach_div_(updates, _denominator(sums, eps, eps_in_sqrt))
-    if lr_decay != 0:
+    if isinstance(lr_decay, Tensor) or lr_decay != 0:
         torch._foreach_div_(updates, [(s.to(torch.float64) - 1) * lr_decay + 1 for s in steps])
     return updates
 
@@ -133,7 +133,7 @@ def scale_by_rss(
         )
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def scale_by_rms(
             state = state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,4 +390,4 @@ def scale_by_adam(
             state = state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")

@@ -332,7 +332,7 @@ def zclip(
             gate=commit_gate(),
         )
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,4 +488,4 @@ def autoclip(percentile: Scalar = 10.0, history: int | None = None, process_grou
             gate=commit_gate(),
         )
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")

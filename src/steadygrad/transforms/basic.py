@@ -48,7 +48,7 @@ def trace(momentum: Scalar, nesterov: bool = False) -> Transform:
             torch._foreach_copy_(updates, buf)
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 def add_decayed_weights(weight_decay: Scalar) -> Transform:
@@ -77,7 +77,7 @@ def add_decayed_weights(weight_decay: Scalar) -> Transform:
             torch._foreach_add_(updates, list(params), alpha=weight_decay)
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 def scale(factor: Scalar) -> Transform:
@@ -90,7 +90,7 @@ def scale(factor: Scalar) -> Transform:
         torch._foreach_mul_(updates, factor)
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 def scale_by_lr(lr: Scalar | None = None) -> Transform:
@@ -112,4 +112,4 @@ def scale_by_lr(lr: Scalar | None = None) -> Transform:
         torch._foreach_mul_(updates, -rate)
         return updates, state
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")

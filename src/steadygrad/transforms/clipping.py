@@ -240,7 +240,7 @@ def clip_by_value(limit: Scalar) -> Transform:
         updates, fraction = value_clip_update(updates, limit=limit)
         return updates, ClipState(commit_select(gate, fraction, state.fraction_clipped))
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def clip_by_norm(max_norm: Scalar, norm_type: float = 2.0, scope: str = "global"
         updates, fraction = norm_clip_update(updates, max_norm=max_norm, norm_type=p, scope=scope)
         return updates, ClipState(commit_select(gate, fraction, state.fraction_clipped))
 
-    return Transform(init, update)
+    return Transform(init, update, "elements" if scope == "global" else "tensors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +503,7 @@ def clip_by_moment(k: Scalar = 5.0, beta: Scalar = 0.999) -> Transform:
         updates, fraction = moment_clip_update(updates, state.nu, state.count, k=k, beta=beta, gate=gate)
         return updates, state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
 
-    return Transform(init, update)
+    return Transform(init, update, "elements")
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,7 +628,7 @@ def clip_by_unit_ratio(clip_factor: Scalar = 0.01, eps: Scalar = 1e-3) -> Transf
         updates, fraction = unit_ratio_clip_update(updates, params, clip_factor=clip_factor, eps=eps)
         return updates, ClipState(commit_select(gate, fraction, state.fraction_clipped))
 
-    return Transform(init, update)
+    return Transform(init, update, "units")
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,4 +694,4 @@ def clip_update_rms(d: Scalar = 1.0) -> Transform:
         updates, fraction = rms_clip_update(updates, d=d)
         return updates, ClipState(commit_select(gate, fraction, state.fraction_clipped))
 
-    return Transform(init, update)
+    return Transform(init, update, "tensors")

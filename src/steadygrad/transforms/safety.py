@@ -133,4 +133,4 @@ def skip_nonfinite(inner: Transform, max_consecutive: int | None = None) -> Tran
             )
         return updates, (new, inner_state)
 
-    return Transform(init, update)
+    return Transform(init, update, inner.structure)

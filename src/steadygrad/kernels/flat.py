@@ -1,0 +1,182 @@
+"""Flat buffers: parameters, gradients and per-parameter state as views into contiguous memory.
+
+An optimizer step is memory-bound, and its cost on a model of many small tensors is dominated
+by per-tensor overhead (kernel launches, Python, compile time growing with the tensor count).
+A :class:`FlatGroup` moves the parameters of one (parameter group, device, dtype) into one
+contiguous buffer and makes each parameter a view into it (``p.data``), does the same for the
+gradients (``p.grad``) and for every per-parameter state entry (``optimizer.state[p][key]``),
+so that a step can run over a few large tensors while the model, autograd and ``state_dict``
+still see ordinary per-parameter tensors.
+
+Layout: parameters are ordered by *unit class* — the length of a row along dim 0 (a 0-D or 1-D
+tensor is one row: AGC's unit) — so that every class is one contiguous ``(rows, row_length)``
+view. A transform whose ``structure`` is ``"elements"`` or ``"units"`` gives the same result on
+the class views as on the parameters (see :mod:`steadygrad.core.transform`).
+
+Per-parameter state of the shape of the parameter gets one buffer per key; 0-d state (step
+counters) gets a small buffer with one element per parameter, whose values must be equal when
+the group is built (they advance together from then on), plus one counter per class that the
+kernel advances and copies back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["FlatGroup", "ineligibility"]
+
+
+def ineligibility(p: Tensor) -> str | None:
+    """Why ``p`` cannot live in a flat buffer, or ``None`` if it can."""
+    if not p.dtype.is_floating_point:
+        return f"dtype {p.dtype} (complex and integer parameters take the reference path)"
+    if p.is_sparse or p.layout != torch.strided:
+        return "a sparse or non-strided parameter"
+    if not p.is_contiguous():
+        return "a non-contiguous parameter (e.g. channels_last)"
+    if type(p) not in (Tensor, torch.nn.Parameter):
+        return f"a tensor subclass ({type(p).__name__})"
+    return None
+
+
+def _row_length(p: Tensor) -> int:
+    if p.dim() <= 1:
+        return p.numel()
+    return p[0].numel() if p.shape[0] else max(p.numel(), 1)
+
+
+@dataclass
+class _Class:
+    row_length: int
+    start: int  # element offset of the class in the buffer
+    size: int  # elements in the class
+
+
+@dataclass
+class FlatGroup:
+    """Parameters of one device and dtype, with their gradients and state, in flat buffers."""
+
+    params: list[Tensor]
+    offsets: list[int]
+    classes: list[_Class]
+    param_buf: Tensor
+    grad_buf: Tensor
+    grad_views: list[Tensor]
+    full: dict[str, Tensor] = field(default_factory=dict)  # key -> buffer like param_buf
+    scalar: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per parameter
+    counters: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per class
+
+    # ---- building ------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, params: Sequence[Tensor], store: MutableMapping, keys: Sequence[str]) -> FlatGroup | str:
+        """Moves ``params`` (one device and dtype, each eligible) and their state entries
+        ``store[p][key]`` for ``keys`` into flat buffers. Returns the group, or the reason why it
+        cannot be built (then nothing has been changed)."""
+        params = sorted(params, key=_row_length)  # stable: equal row lengths keep their order
+        device, dtype = params[0].device, params[0].dtype
+        offsets, classes, total = [], [], 0
+        for p in params:
+            length = _row_length(p)
+            if not classes or classes[-1].row_length != length:
+                classes.append(_Class(length, total, 0))
+            offsets.append(total)
+            classes[-1].size += p.numel()
+            total += p.numel()
+
+        kinds: dict[str, str] = {}
+        for key in keys:
+            values = [store[p][key] for p in params]
+            if all(v.shape == p.shape for v, p in zip(values, params)) and len({v.dtype for v in values}) == 1:
+                kinds[key] = "full"
+            elif all(v.dim() == 0 for v in values) and len({(v.dtype, v.device) for v in values}) == 1:
+                if len({float(v) for v in values}) != 1:  # host read, once, when the group is built
+                    return f"the state {key!r} differs between parameters (they did not always step together)"
+                kinds[key] = "scalar"
+            else:
+                return f"the state {key!r} is neither per-element nor one number per parameter"
+
+        group = cls(
+            params=params,
+            offsets=offsets,
+            classes=classes,
+            param_buf=torch.empty(total, device=device, dtype=dtype),
+            grad_buf=torch.zeros(total, device=device, dtype=dtype),
+            grad_views=[],
+        )
+        with torch.no_grad():
+            for p, view in zip(params, group.views(group.param_buf)):
+                view.copy_(p)
+                p.data = view
+            for p, view in zip(params, group.views(group.grad_buf)):
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+                group.grad_views.append(view)
+            for key, kind in kinds.items():
+                values = [store[p][key] for p in params]
+                if kind == "full":
+                    buf = torch.empty(total, device=values[0].device, dtype=values[0].dtype)
+                    for p, view, value in zip(params, group.views(buf), values):
+                        view.copy_(value)
+                        store[p][key] = view
+                    group.full[key] = buf
+                else:
+                    # on the parameters' device (as torch's fused optimizers keep `step`): the
+                    # kernel advances them without a host round trip
+                    buf = torch.stack([v.to(device) for v in values])
+                    for i, p in enumerate(params):
+                        store[p][key] = buf[i]
+                    group.scalar[key] = buf
+                    group.counters[key] = buf[:1].repeat(len(classes))
+        return group
+
+    # ---- views ---------------------------------------------------------------------------------
+
+    def views(self, buf: Tensor) -> list[Tensor]:
+        """Per-parameter views of a buffer laid out like ``param_buf``."""
+        return [buf[o : o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
+
+    def class_views(self, buf: Tensor) -> list[Tensor]:
+        """One ``(rows, row_length)`` view per unit class of a buffer laid out like ``param_buf``."""
+        out = []
+        for c in self.classes:
+            rows = c.size // c.row_length if c.row_length else 0
+            out.append(buf[c.start : c.start + c.size].view(rows, c.row_length))
+        return out
+
+    def counter_views(self, key: str) -> list[Tensor]:
+        """One 0-d counter per class for the 0-d state ``key`` (distinct tensors, so that a
+        transform advancing each element of its list advances each once)."""
+        counters = self.counters[key]
+        return [counters[i] for i in range(len(self.classes))]
+
+    # ---- per step ------------------------------------------------------------------------------
+
+    def holds(self, params: Sequence[Tensor]) -> bool:
+        """Whether these are exactly the group's parameters and still views into its buffer."""
+        if len(params) != len(self.params) or {id(p) for p in params} != {id(p) for p in self.params}:
+            return False
+        base = self.param_buf.untyped_storage().data_ptr()
+        return all(p.untyped_storage().data_ptr() == base for p in self.params)
+
+    def adopt_gradients(self) -> None:
+        """Brings gradients that were replaced (``zero_grad(set_to_none=True)`` of a module, a
+        hook assigning ``.grad``) back into the buffer and re-points ``.grad`` at it."""
+        with torch.no_grad():
+            for p, view in zip(self.params, self.grad_views):
+                if p.grad is not view:
+                    if p.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(p.grad)
+                    p.grad = view
+
+    def publish_counters(self) -> None:
+        """Copies the per-class counters (advanced by the kernel) to the per-parameter entries."""
+        for key, buf in self.scalar.items():
+            buf.copy_(self.counters[key][:1].expand_as(buf))

@@ -1,0 +1,374 @@
+"""The fused optimizer step: the reference transforms, compiled over flat buffers.
+
+There is no second copy of any algorithm here. :class:`FusedStep` takes the very transforms the
+reference path runs (the optimizer's ``build_transform(group)`` and its ``clip``), hands them the
+unit-class views of :class:`~steadygrad.kernels.flat.FlatGroup` buffers instead of per-parameter
+tensors, and compiles the whole step — clipping, every parameter group's chain and the parameter
+update — with ``torch.compile(fullgraph=True)``: inductor turns it into one loop over memory
+(two where a global norm must be known first), C++ on CPU and Triton on GPU.
+
+* Hyperparameters are 0-d float64 tensors, refreshed from ``param_groups`` before every step, so an
+  LR scheduler (OneCycleLR also cycles betas and momentum) never recompiles. Structural options
+  (amsgrad, centered, maximize, a hyperparameter switching between zero and non-zero) select a
+  separately compiled step.
+* The step applies when every parameter of every group that was stepped before is stepped again
+  (has a gradient), the parameters are real, dense and contiguous, and the transforms declare
+  ``structure`` ``"elements"`` or ``"units"``. Otherwise the optimizer takes the reference path
+  for that step, on the same views, with the same result.
+* Where ``torch.compile`` is unavailable or fails, the same function runs eagerly over the flat
+  buffers (still a handful of large foreach operations instead of several per parameter), with a
+  warning; ``STEADYGRAD_COMPILE=0`` selects that directly, and ``STEADYGRAD_COMPILE_BACKEND``
+  picks another ``torch.compile`` backend.
+* Semantics that differ from the reference path: a parameter that took part in the first fused
+  step is a view into the flat buffer from then on, and so is its gradient; ``zero_grad()``
+  zeroes the buffer instead of setting gradients to ``None``, so such a parameter is stepped at
+  every step (with a zero gradient where backward did not reach it), as torch does after
+  ``zero_grad(set_to_none=False)``. A gradient replaced by a new tensor (a module's own
+  ``zero_grad()``) is copied back into the buffer at the next step.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.state import init_state, state_keys
+from ..core.transform import Transform, coarsest_structure, hyperparameters, state_leaves
+from .flat import FlatGroup, ineligibility
+
+__all__ = ["FusedStep", "compile_enabled"]
+
+_NUMBER = (int, float)
+
+
+def compile_enabled() -> bool:
+    """``torch.compile`` is used unless ``STEADYGRAD_COMPILE=0``."""
+    return os.environ.get("STEADYGRAD_COMPILE", "1") != "0"
+
+
+def _compile(fn: Callable) -> Callable:
+    """``torch.compile(fullgraph=True)``; the backend is inductor unless
+    ``STEADYGRAD_COMPILE_BACKEND`` names another (``eager`` traces without generating code)."""
+    backend = os.environ.get("STEADYGRAD_COMPILE_BACKEND", "inductor")
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, _NUMBER) and not isinstance(v, bool)
+
+
+def _is_scalar(v: Any) -> bool:
+    return _is_number(v) or (isinstance(v, Tensor) and v.numel() == 1)
+
+
+@dataclass
+class _Group:
+    """The fused form of one parameter group."""
+
+    index: int
+    flats: list[FlatGroup]
+    hyper: dict[str, Any]  # the group with 0-d tensors for its numbers
+    tensors: dict[str, Tensor | tuple[Tensor, ...]]  # the tensors of ``hyper`` to refresh
+
+
+@dataclass
+class _Plan:
+    """A compiled step for one structure of the hyperparameters, with the state layout it uses."""
+
+    kernel: Callable
+    templates: list[tuple[Any, list]]  # per group: state template and storage keys
+    clip_keys: list | None
+    structure: str
+
+
+class FusedStep:
+    """Owns the flat buffers and compiled steps of one optimizer (see the module docstring)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.groups: list[_Group] | None = None
+        self.disabled: str | None = None  # why this optimizer stays on the reference path
+        self._plans: dict[Any, _Plan] = {}
+        self._warned: set[str] = set()
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """Forget the flat layout (after load_state_dict or add_param_group); the next fused step
+        rebuilds it from the current per-parameter tensors."""
+        self.groups = None
+        self.disabled = None
+        self._plans.clear()
+
+    def _hyper(self, group: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+        hyper, tensors = {}, {}
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if _is_scalar(value) and not isinstance(value, bool):
+                t = torch.zeros((), dtype=torch.float64, device=device)
+                hyper[key] = tensors[key] = t
+            elif isinstance(value, tuple) and value and all(_is_scalar(v) for v in value):
+                t = tuple(torch.zeros((), dtype=torch.float64, device=device) for _ in value)
+                hyper[key] = tensors[key] = t
+            else:
+                hyper[key] = value
+        return hyper, tensors
+
+    def _build(self) -> str | None:
+        opt = self.optimizer
+        groups = []
+        for index, group in enumerate(opt.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                reason = ineligibility(p)
+                if reason:
+                    return reason
+            devices = {p.device for p in params}
+            if len(devices) != 1:
+                return "a parameter group on several devices"
+            hyper, tensors = self._hyper(group, params[0].device)
+            self._refresh(group, tensors)
+            keys = self._keys(group, params)
+            flats = []
+            by_dtype: dict[torch.dtype, list[Tensor]] = {}
+            for p in params:
+                by_dtype.setdefault(p.dtype, []).append(p)
+            for dtype_params in by_dtype.values():
+                flat = FlatGroup.build(dtype_params, opt.state, keys)
+                if isinstance(flat, str):
+                    return flat
+                flats.append(flat)
+            groups.append(_Group(index, flats, hyper, tensors))
+        self.groups = groups
+        return None
+
+    def _keys(self, group: dict[str, Any], params: list[Tensor]) -> list[str]:
+        """Creates the missing state of ``params`` and returns its per-parameter keys."""
+        opt = self.optimizer
+        keys = []
+        parts = [(opt.build_transform(group), "")]
+        if opt.clip is not None:
+            parts.append((opt.clip, "clip."))
+        for transform, prefix in parts:
+            k = state_keys(transform.init([]), prefix)
+            init_state(opt.state, transform, params, k, step_on_device=group.get("capturable", False), prefix=prefix)
+            keys += [key.key for key in k if key.per_param]
+        return keys
+
+    @staticmethod
+    def _refresh(group: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Copies the group's current hyperparameters into their 0-d tensors (no host sync)."""
+        with torch.no_grad():
+            for key, t in tensors.items():
+                value = group[key]
+                for ti, vi in zip(t, value) if isinstance(t, tuple) else [(t, value)]:
+                    if isinstance(vi, Tensor):
+                        ti.copy_(vi.reshape(()))
+                    else:
+                        ti.fill_(vi)
+
+    def zero_grad(self) -> None:
+        """Zeroes the flat gradient buffers in place and points ``.grad`` back at them."""
+        for g in self.groups or ():
+            for flat in g.flats:
+                flat.grad_buf.zero_()
+                for p, view in zip(flat.params, flat.grad_views):
+                    p.grad = view
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One fused step; ``False`` if this step must take the reference path."""
+        if self.disabled:
+            return False
+        opt = self.optimizer
+        if self.groups is None:
+            reason = self._build()
+            if reason:
+                self.disabled = reason
+                self._warn(f"fused=True falls back to the reference path: {reason}")
+                return False
+        assert self.groups is not None
+        # A flat parameter without a gradient counts as a zero gradient (adopt_gradients). A
+        # parameter outside the flat buffers that now has a gradient changes the layout: it is
+        # stepped by the reference path, and since the parameters then no longer step together,
+        # the fused path stays off.
+        flat_ids = {g.index: {id(p) for f in g.flats for p in f.params} for g in self.groups}
+        for index, group in enumerate(opt.param_groups):
+            ids = flat_ids.get(index, set())
+            if any(p.grad is not None and id(p) not in ids for p in group["params"]):
+                return self._give_up("a parameter without a gradient at the first fused step now has one")
+        plan = self._plan()
+        if plan.structure == "tensors":
+            return self._give_up("a transform needs whole tensors (structure='tensors')")
+
+        for g in self.groups:
+            self._refresh(opt.param_groups[g.index], g.tensors)
+            for flat in g.flats:
+                flat.adopt_gradients()
+        new_states, clip_state = plan.kernel(*self._arguments(plan))
+        for g, (_, keys), state in zip(self.groups, plan.templates, new_states):
+            _scatter_shared(state, keys, opt.state, f"group{g.index}")
+        if plan.clip_keys is not None:
+            _scatter_shared(clip_state, plan.clip_keys, opt.state, "clip")
+        for g in self.groups:
+            for flat in g.flats:
+                flat.publish_counters()
+        return True
+
+    def _give_up(self, reason: str) -> bool:
+        self.disabled = reason
+        self._warn(f"fused=True falls back to the reference path: {reason}")
+        return False
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=4)
+
+    def _structure_key(self) -> Any:
+        def kind(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return "tensor"
+            if _is_number(v):
+                return "zero" if v == 0 else "number"
+            if isinstance(v, tuple):
+                return tuple(kind(x) for x in v)
+            return v if isinstance(v, (bool, str, type(None))) else type(v).__name__
+
+        opt = self.optimizer
+        groups = tuple(
+            (g.index, tuple(sorted((k, kind(v)) for k, v in opt.param_groups[g.index].items() if k != "params")))
+            for g in self.groups
+        )
+        return groups, id(opt.clip)
+
+    def _plan(self) -> _Plan:
+        key = self._structure_key()
+        plan = self._plans.get(key)
+        if plan is None:
+            opt = self.optimizer
+            transforms = [opt.build_transform(g.hyper) for g in self.groups]
+            templates = []
+            for t in transforms:
+                template = t.init([])
+                templates.append((template, state_keys(template)))
+            clip_keys = state_keys(opt.clip.init([]), "clip.") if opt.clip is not None else None
+            structure = coarsest_structure(
+                *(t.structure for t in transforms), *([opt.clip.structure] if opt.clip is not None else [])
+            )
+            fn = self._step_function(transforms)
+            kernel = _compile(fn) if compile_enabled() else fn
+            plan = _Plan(_with_fallback(kernel, fn, self._warn), templates, clip_keys, structure)
+            self._plans[key] = plan
+        return plan
+
+    def _step_function(self, transforms: list[Transform]) -> Callable:
+        opt = self.optimizer
+        clip = opt.clip
+        hypers = [g.hyper for g in self.groups]
+        maximize = [bool(opt.param_groups[g.index].get("maximize", False)) for g in self.groups]
+
+        def step(params, grads, states, clip_state):
+            updates = [
+                list(torch._foreach_neg(gr)) if mx else [x.clone() for x in gr] for gr, mx in zip(grads, maximize)
+            ]
+            if clip is not None:
+                flat_params = [p for ps in params for p in ps]
+                flat_updates = [u for us in updates for u in us]
+                flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params)
+                start = 0
+                for i, us in enumerate(updates):
+                    updates[i] = flat_updates[start : start + len(us)]
+                    start += len(us)
+            new_states = []
+            for transform, hyper, ps, us, state in zip(transforms, hypers, params, updates, states):
+                with hyperparameters(hyper):
+                    us, new = transform.update(us, state, ps)
+                _copy_back(state, new)
+                torch._foreach_add_(ps, us)
+                new_states.append(new)
+            return new_states, clip_state
+
+        return step
+
+    def _arguments(self, plan: _Plan) -> tuple:
+        opt = self.optimizer
+        params, grads, states = [], [], []
+        for g, (template, keys) in zip(self.groups, plan.templates):
+            params.append([v for f in g.flats for v in f.class_views(f.param_buf)])
+            grads.append([v for f in g.flats for v in f.class_views(f.grad_buf)])
+            states.append(_gather_flat(template, keys, g.flats, opt.state, f"group{g.index}"))
+        clip_state = None
+        if plan.clip_keys is not None:
+            flats = [f for g in self.groups for f in g.flats]
+            clip_state = _gather_flat(opt.clip.init([]), plan.clip_keys, flats, opt.state, "clip")
+        return params, grads, states, clip_state
+
+
+def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None]) -> Callable:
+    """Runs ``kernel``; if compiling fails, warns once and runs ``eager`` from then on."""
+    box = {"fn": kernel}
+
+    def run(*args):
+        try:
+            return box["fn"](*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure falls back
+            if box["fn"] is eager:
+                raise
+            warn(f"torch.compile failed ({type(error).__name__}: {error}); the fused step runs eagerly")
+            box["fn"] = eager
+            return eager(*args)
+
+    return run
+
+
+def _gather_flat(template: Any, keys: list, flats: list[FlatGroup], store: Any, shared_key: str) -> Any:
+    """The transform state over the class views of ``flats``, in the template's structure."""
+    leaves = [leaf for _, leaf in state_leaves(template)]
+    fields: list[dict[str, Any]] = [{} for _ in leaves]
+    for k in keys:
+        if k.per_param:
+            if k.key in flats[0].full:
+                value = [v for f in flats for v in f.class_views(f.full[k.key])]
+            else:
+                value = [v for f in flats for v in f.counter_views(k.key)]
+            fields[k.leaf][k.field] = value
+        else:
+            shared = store[shared_key]
+            if k.key not in shared:
+                shared[k.key] = getattr(leaves[k.leaf], k.field)
+            fields[k.leaf][k.field] = shared[k.key]
+    return _rebuild(template, iter([leaf._replace(**f) for leaf, f in zip(leaves, fields)]))
+
+
+def _rebuild(template: Any, leaves: Any) -> Any:
+    if hasattr(template, "_fields"):
+        return next(leaves)
+    return tuple(_rebuild(part, leaves) for part in template)
+
+
+def _copy_back(old: Any, new: Any) -> None:
+    """Per-parameter state that a transform returned as new tensors goes back into the buffers."""
+    for (_, a), (_, b) in zip(state_leaves(old), state_leaves(new)):
+        for x, y in zip(a, b):
+            if isinstance(x, list):
+                for xi, yi in zip(x, y):
+                    if xi is not yi:
+                        xi.copy_(yi)
+
+
+def _scatter_shared(state: Any, keys: list, store: Any, shared_key: str) -> None:
+    leaves = [leaf for _, leaf in state_leaves(state)]
+    for k in keys:
+        if not k.per_param:
+            store[shared_key][k.key] = getattr(leaves[k.leaf], k.field)

@@ -1,0 +1,255 @@
+"""fused=True: the reference transforms compiled over flat buffers give the reference results."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import steadygrad as sg
+
+from ._parity import assert_same_run, clone_params, loss_fn, make_params, max_rel_diff, train_step
+
+
+def real_params(dtype=torch.float64):
+    """The parity model without its complex option, plus a float32 vector in the same group (two
+    flat buffers) and a 0-d gain."""
+    ps = make_params(dtype=dtype)
+    ps.append(torch.nn.Parameter(torch.randn(7, dtype=torch.float32)))
+    ps.append(torch.nn.Parameter(torch.tensor(0.5, dtype=dtype)))
+    return ps
+
+
+def step_all(params, opt, step):
+    # fused=True keeps gradients in a buffer: a parameter that backward does not reach is stepped
+    # with a zero gradient, which is what zero_grad(set_to_none=False) gives the reference path
+    opt.zero_grad(set_to_none=False)
+    loss = loss_fn(params[:6], step) + (params[6].double() ** 2).sum() * 0.3 + params[7] ** 2
+    loss.backward()
+    opt.step()
+
+
+CONFIGS = [
+    ("Adam", {"weight_decay": 0.1, "amsgrad": True}),
+    ("Adam", {"maximize": True, "eps_in_sqrt": True}),
+    ("AdamW", {"lr": 0.01}),
+    ("Adam", {"moment_clip": 2.0}),
+    ("RMSprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.1}),
+    ("RMSprop", {"moment_clip": 2.0, "maximize": True}),
+    ("Adagrad", {"lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.1}),
+    ("Adam", {"clip": "value"}),
+    ("Adam", {"clip": "norm"}),
+    ("RMSprop", {"clip": "moment"}),
+    ("AdamW", {"clip": "unit_ratio"}),
+    ("Adam", {"clip": "zclip"}),
+]
+CLIPS = {
+    "value": lambda: sg.clip_by_value(0.05),
+    "norm": lambda: sg.clip_by_norm(0.3),
+    "moment": lambda: sg.clip_by_moment(k=2.0, beta=0.9),
+    "unit_ratio": lambda: sg.clip_by_unit_ratio(0.02),
+    "zclip": lambda: sg.zclip(warmup_steps=3),
+}
+
+
+def make(name, kwargs, params, **extra):
+    kwargs = dict(kwargs)
+    if "clip" in kwargs:
+        kwargs["clip"] = CLIPS[kwargs["clip"]]()
+    groups = [{"params": params[:3] + params[6:]}, {"params": params[3:6], "lr": 0.02}]
+    return getattr(sg.optim, name)(groups, **kwargs, **extra)
+
+
+def ids(configs):
+    return [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in configs]
+
+
+@pytest.fixture
+def eager_fused(monkeypatch):
+    """The fused step without code generation: the same function over the flat buffers."""
+    monkeypatch.setenv("STEADYGRAD_COMPILE", "0")
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS, ids=ids(CONFIGS))
+def test_fused_equals_the_reference(eager_fused, name, kwargs):
+    ref_params = real_params()
+    fused_params = clone_params(ref_params)
+    ref = make(name, kwargs, ref_params)
+    fused = make(name, kwargs, fused_params, fused=True)
+    for step in range(12):
+        step_all(ref_params, ref, step)
+        with _no_fallback():
+            step_all(fused_params, fused, step)
+    assert fused._fused.disabled is None and fused._fused.groups
+    # float64 to rounding; the float32 vector within float32 rounding (the fused step's
+    # hyperparameters are float64 tensors, the reference's Python floats)
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14, rtol32=1e-6)
+    for key in set(ref.state) - {p for p in ref_params}:  # shared state: clip, group statistics
+        for name_, value in ref.state[key].items():
+            assert max_rel_diff(fused.state[key][name_], value) <= 1e-14, (key, name_)
+
+
+def test_parameters_gradients_and_state_become_views_of_flat_buffers(eager_fused):
+    params = real_params()
+    opt = sg.optim.Adam(params, fused=True)
+    step_all(params, opt, 0)
+    (group,) = opt._fused.groups
+    f64, f32 = sorted(group.flats, key=lambda f: f.param_buf.dtype == torch.float32)
+    base = f64.param_buf.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == base for p in params if p.dtype == torch.float64)
+    assert all(p.grad.untyped_storage().data_ptr() == f64.grad_buf.untyped_storage().data_ptr() for p in f64.params)
+    exp_avg = opt.state[params[0]]["exp_avg"]
+    assert exp_avg.untyped_storage().data_ptr() == f64.full["exp_avg"].untyped_storage().data_ptr()
+    assert f32.param_buf.dtype == torch.float32 and len(f32.params) == 1
+    # zero_grad keeps the views and zeroes them
+    opt.zero_grad()
+    assert all(p.grad is v for p, v in zip(f64.params, f64.grad_views)) and not f64.grad_buf.any()
+
+
+def test_gradients_set_to_none_by_the_model_are_adopted(eager_fused):
+    """A module's zero_grad() (set_to_none) replaces .grad; the next step copies it back."""
+    ref_params = real_params()
+    fused_params = clone_params(ref_params)
+    ref, fused = sg.optim.Adam(ref_params), sg.optim.Adam(fused_params, fused=True)
+    for step in range(6):
+        for params, opt in ((ref_params, ref), (fused_params, fused)):
+            for p in params:
+                # as torch.nn.Module.zero_grad() does; the reference gets zeros instead, which is
+                # what the fused path makes of a missing gradient
+                p.grad = None if opt is fused else torch.zeros_like(p)
+            loss = loss_fn(params[:6], step) + (params[6].double() ** 2).sum() * 0.3 + params[7] ** 2
+            loss.backward()
+            opt.step()
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14)
+
+
+def test_checkpoints_of_a_fused_optimizer_move_to_torch_and_back(eager_fused):
+    params = real_params()
+    fused = sg.optim.Adam(params, fused=True, weight_decay=0.1)
+    for step in range(5):
+        step_all(params, fused, step)
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+
+    torch_params = clone_params(params)
+    torch_opt = torch.optim.Adam(torch_params, weight_decay=0.1)
+    buffer.seek(0)
+    torch_opt.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed_params = clone_params(params)
+    resumed = sg.optim.Adam(resumed_params, fused=True, weight_decay=0.1)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for step in range(5, 10):
+        step_all(params, fused, step)
+        step_all(torch_params, torch_opt, step)
+        step_all(resumed_params, resumed, step)
+    assert_same_run(resumed_params, resumed, params, fused, rtol=1e-14)
+    for a, b in zip(params, torch_params):
+        assert max_rel_diff(a.detach(), b.detach()) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        (lambda ps: sg.optim.Adam(ps, fused=True, clip=sg.clip_update_rms(1.0)), "whole tensors"),
+        (lambda ps: sg.optim.Adam(ps, fused=True, clip=sg.clip_by_norm(1.0, scope="tensor")), "whole tensors"),
+    ],
+    ids=["update_rms", "norm-per-tensor"],
+)
+def test_transforms_that_need_whole_tensors_take_the_reference_path(eager_fused, setup, reason):
+    ref_params = real_params()
+    fused_params = clone_params(ref_params)
+    fused = setup(fused_params)
+    ref = type(fused)(ref_params, clip=fused.clip)
+    with pytest.warns(UserWarning, match=reason):
+        for step in range(4):
+            step_all(fused_params, fused, step)
+    for step in range(4):
+        step_all(ref_params, ref, step)
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=0.0)
+
+
+def test_a_parameter_that_gains_a_gradient_switches_to_the_reference_path(eager_fused):
+    """A parameter frozen at the first fused step and unfrozen later is outside the flat buffers:
+    the optimizer warns and steps everything by the reference path, with the same result."""
+    ref_params = real_params()
+    fused_params = clone_params(ref_params)
+    ref, fused = sg.optim.Adam(ref_params), sg.optim.Adam(fused_params, fused=True)
+    for params in (ref_params, fused_params):
+        params[3].requires_grad_(False)
+    with pytest.warns(UserWarning, match="now has one"):
+        for step in range(6):
+            if step == 3:
+                for params in (ref_params, fused_params):
+                    params[3].requires_grad_(True)
+            step_all(ref_params, ref, step)
+            step_all(fused_params, fused, step)
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14)
+    assert ref.state[ref_params[3]]["step"].item() == 3
+
+
+def test_complex_parameters_take_the_reference_path(eager_fused):
+    params = make_params(complex_=True)
+    opt = sg.optim.Adam(params, fused=True)
+    with pytest.warns(UserWarning, match="complex"):
+        train_step(params, opt, 0)
+    assert opt._fused.disabled
+
+
+def test_no_recompiles_across_a_one_cycle_schedule(monkeypatch):
+    """100 steps of OneCycleLR (lr and beta1 change every step): one graph, traced once."""
+    monkeypatch.setenv("STEADYGRAD_COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    params = real_params(torch.float32)
+    opt = sg.optim.Adam(params, fused=True, moment_clip=3.0, clip=sg.clip_by_norm(1.0))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=101)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    lrs, beta1s = set(), set()
+    for step in range(100):
+        step_all(params, opt, step)
+        sched.step()
+        lrs.add(opt.param_groups[0]["lr"])
+        beta1s.add(opt.param_groups[0]["betas"][0])
+    assert len(lrs) > 90 and len(beta1s) > 90  # the schedule moved both at every step
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+
+
+def test_compiled_step_equals_the_reference():
+    """The real inductor path (C++ on this machine): float64 to 1e-12, float32 to 1e-6."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        ref_params = make_params(dtype=dtype)[:5]
+        fused_params = clone_params(ref_params)
+        kwargs = {"moment_clip": 2.0, "weight_decay": 0.1, "clip": None}
+        ref = sg.optim.Adam(ref_params, lr=0.01, **kwargs)
+        fused = sg.optim.Adam(fused_params, lr=0.01, fused=True, **kwargs)
+        for step in range(10):
+            for params, opt in ((ref_params, ref), (fused_params, fused)):
+                opt.zero_grad()
+                loss_fn(params + [torch.zeros(0, 2, dtype=dtype, requires_grad=True)], 3 * step).backward()
+                opt.step()
+        assert fused._fused.disabled is None
+        assert_same_run(fused_params, fused, ref_params, ref, rtol=tol)
+
+
+class _no_fallback:
+    """Turns the fused path's fallback warning into an error inside the block."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.filterwarnings("error", message="fused=True falls back")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+
+
+def test_bad_fused_values_do_not_break_construction():
+    assert sg.optim.Adam(make_params(), fused=False)._fused is None
+    assert sg.optim.RMSprop(make_params(), fused=True)._fused is not None
+    assert math.isfinite(1.0)
