@@ -19,7 +19,7 @@ parameter, the update and every state tensor, as torch.optim does; the state sta
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor
 from .tensorlist import as_real, from_real
 from .transform import Transform, state_leaves
 
-__all__ = ["StateKey", "run_transform", "init_state", "state_keys"]
+__all__ = ["StateKey", "assemble_state", "init_state", "run_transform", "shared_slot", "state_keys", "store_shared"]
 
 
 class StateKey(NamedTuple):
@@ -85,28 +85,47 @@ def init_state(
                 store[p][k.key] = value
 
 
-def _gather(store, template, keys, params, shared_key):
+def assemble_state(
+    template: Any,
+    keys: Sequence[StateKey],
+    per_param: Callable[[StateKey], list[Tensor]],
+    shared: MutableMapping[str, Any],
+) -> Any:
+    """A transform state in the structure of ``template``: per-parameter fields from
+    ``per_param(key)``, shared fields from ``shared`` (created there from the template's value the
+    first time)."""
     leaves = [leaf for _, leaf in state_leaves(template)]
     fields: list[dict[str, Any]] = [{} for _ in leaves]
     for k in keys:
         if k.per_param:
-            fields[k.leaf][k.field] = [as_real(store[p][k.key]) for p in params]
+            fields[k.leaf][k.field] = per_param(k)
         else:
-            shared = store[shared_key]
             if k.key not in shared:
                 shared[k.key] = getattr(leaves[k.leaf], k.field)
             fields[k.leaf][k.field] = shared[k.key]
     return _rebuild(template, iter([leaf._replace(**f) for leaf, f in zip(leaves, fields)]))
 
 
-def _scatter(store, state, keys, params, shared_key) -> None:
+def shared_slot(store: MutableMapping[Any, dict], shared_key: Any, keys: Sequence[StateKey]) -> dict:
+    """``store[shared_key]`` if the state has shared fields; otherwise a throwaway dict, so that no
+    empty entry appears in an optimizer's ``state_dict``."""
+    return store[shared_key] if any(not k.per_param for k in keys) else {}
+
+
+def store_shared(state: Any, keys: Sequence[StateKey], shared: MutableMapping[str, Any]) -> None:
+    """Writes the shared fields of ``state`` back to ``shared``."""
     leaves = [leaf for _, leaf in state_leaves(state)]
     for k in keys:
-        value = getattr(leaves[k.leaf], k.field)
         if not k.per_param:
-            store[shared_key][k.key] = value
+            shared[k.key] = getattr(leaves[k.leaf], k.field)
+
+
+def _store_per_param(store, state, keys, params) -> None:
+    leaves = [leaf for _, leaf in state_leaves(state)]
+    for k in keys:
+        if not k.per_param:
             continue
-        for p, v in zip(params, value):
+        for p, v in zip(params, getattr(leaves[k.leaf], k.field)):
             old = store[p][k.key]
             # In-place updates of a complex tensor come back as its real view.
             if v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
@@ -139,9 +158,11 @@ def run_transform(
     template = transform.init([])
     keys = state_keys(template, prefix)
     init_state(store, transform, params, keys, step_on_device=step_on_device)
-    state = _gather(store, template, keys, params, shared_key)
+    shared = shared_slot(store, shared_key, keys)
+    state = assemble_state(template, keys, lambda k: [as_real(store[p][k.key]) for p in params], shared)
     real_updates = [as_real(u) for u in updates]
     real_params = [as_real(p) for p in params]
     real_updates, state = transform.update(real_updates, state, real_params)
-    _scatter(store, state, keys, params, shared_key)
+    _store_per_param(store, state, keys, params)
+    store_shared(state, keys, shared)
     return real_updates

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.state import init_state, state_keys
+from ..core.state import assemble_state, init_state, shared_slot, state_keys, store_shared
 from ..core.transform import Transform, coarsest_structure, hyperparameters, state_leaves
 from .flat import FlatGroup, ineligibility
 
@@ -217,9 +217,9 @@ class FusedStep:
                 flat.adopt_gradients()
         new_states, clip_state = plan.kernel(*self._arguments(plan))
         for g, (_, keys), state in zip(self.groups, plan.templates, new_states):
-            _scatter_shared(state, keys, opt.state, f"group{g.index}")
+            store_shared(state, keys, shared_slot(opt.state, f"group{g.index}", keys))
         if plan.clip_keys is not None:
-            _scatter_shared(clip_state, plan.clip_keys, opt.state, "clip")
+            store_shared(clip_state, plan.clip_keys, shared_slot(opt.state, "clip", plan.clip_keys))
         for g in self.groups:
             for flat in g.flats:
                 flat.publish_counters()
@@ -334,27 +334,13 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
 
 def _gather_flat(template: Any, keys: list, flats: list[FlatGroup], store: Any, shared_key: str) -> Any:
     """The transform state over the class views of ``flats``, in the template's structure."""
-    leaves = [leaf for _, leaf in state_leaves(template)]
-    fields: list[dict[str, Any]] = [{} for _ in leaves]
-    for k in keys:
-        if k.per_param:
-            if k.key in flats[0].full:
-                value = [v for f in flats for v in f.class_views(f.full[k.key])]
-            else:
-                value = [v for f in flats for v in f.counter_views(k.key)]
-            fields[k.leaf][k.field] = value
-        else:
-            shared = store[shared_key]
-            if k.key not in shared:
-                shared[k.key] = getattr(leaves[k.leaf], k.field)
-            fields[k.leaf][k.field] = shared[k.key]
-    return _rebuild(template, iter([leaf._replace(**f) for leaf, f in zip(leaves, fields)]))
 
+    def per_param(k: Any) -> list[Tensor]:
+        if k.key in flats[0].full:
+            return [v for f in flats for v in f.class_views(f.full[k.key])]
+        return [v for f in flats for v in f.counter_views(k.key)]
 
-def _rebuild(template: Any, leaves: Any) -> Any:
-    if hasattr(template, "_fields"):
-        return next(leaves)
-    return tuple(_rebuild(part, leaves) for part in template)
+    return assemble_state(template, keys, per_param, shared_slot(store, shared_key, keys))
 
 
 def _copy_back(old: Any, new: Any) -> None:
@@ -365,10 +351,3 @@ def _copy_back(old: Any, new: Any) -> None:
                 for xi, yi in zip(x, y):
                     if xi is not yi:
                         xi.copy_(yi)
-
-
-def _scatter_shared(state: Any, keys: list, store: Any, shared_key: str) -> None:
-    leaves = [leaf for _, leaf in state_leaves(state)]
-    for k in keys:
-        if not k.per_param:
-            store[shared_key][k.key] = getattr(leaves[k.leaf], k.field)
