@@ -10,11 +10,11 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python examples/quickstart.py
+	$(VENV)/bin/steadygrad demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -8,6 +8,7 @@ from .accumulate import GradAccumulator, WindowCounts, WindowEnd
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .clipper import Clipper, ClipStats
 from .core import EmptyState, Transform, chain, group_by_device_dtype, identity
+from .statslog import StatsLogger, optimizer_stats
 from .transforms import (
     add_decayed_weights,
     autoclip,
@@ -33,6 +34,7 @@ __all__ = [
     "Clipper",
     "EmptyState",
     "GradAccumulator",
+    "StatsLogger",
     "Transform",
     "WindowCounts",
     "WindowEnd",
@@ -51,6 +53,7 @@ __all__ = [
     "group_by_device_dtype",
     "identity",
     "optim",
+    "optimizer_stats",
     "scale",
     "scale_by_adam",
     "scale_by_lr",
