@@ -314,7 +314,7 @@ class _Parser:
             return f"{entry.name}: params is supplied by the command, not the spec; valid keywords: {listing}"
         if entry.kind == OPTIMIZER and name == "clip":
             return (
-                f"{entry.name} does not accept clip= in this version of steadygrad "
+                f"{entry.name} does not accept clip= "
                 f"({_qualname(entry.target)} has no clip option); valid keywords: {listing}"
             )
         return f"unknown keyword {name!r} for {entry.name}; valid keywords: {listing}"

@@ -39,7 +39,7 @@ def _epilog() -> str:
     )
     return (
         f"optimizers: {', '.join(registry(OPTIMIZER))} (sgd is torch.optim.SGD, for comparison)\n"
-        f"transforms (for clip=, once an optimizer accepts it): {', '.join(registry(TRANSFORM)) or '(none yet)'}\n"
+        f"transforms (for clip=): {', '.join(registry(TRANSFORM)) or '(none yet)'}\n"
         f"functions:\n{functions}\n\n"
         "example (d2l, section 12.7):\n"
         '  steadygrad trace "adagrad(lr=0.4, eps=1e-6, eps_in_sqrt=True)" \\\n'
