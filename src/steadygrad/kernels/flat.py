@@ -167,14 +167,15 @@ class FlatGroup:
     def adopt_gradients(self) -> None:
         """Brings gradients that were replaced (``zero_grad(set_to_none=True)`` of a module, a
         hook assigning ``.grad``) back into the buffer and re-points ``.grad`` at it."""
-        with torch.no_grad():
-            for p, view in zip(self.params, self.grad_views):
-                if p.grad is not view:
-                    if p.grad is None:
+        for p, view in zip(self.params, self.grad_views):
+            grad = p.grad
+            if grad is not view:
+                with torch.no_grad():
+                    if grad is None:
                         view.zero_()
                     else:
-                        view.copy_(p.grad)
-                    p.grad = view
+                        view.copy_(grad)
+                p.grad = view
 
     def publish_counters(self) -> None:
         """Copies the per-class counters (advanced by the kernel) to the per-parameter entries."""

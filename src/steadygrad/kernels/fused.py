@@ -93,6 +93,7 @@ class FusedStep:
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
         self.groups: list[_Group] | None = None
+        self._outside: list[Tensor] = []  # parameters not in a flat buffer (no gradient when built)
         self.disabled: str | None = None  # why this optimizer stays on the reference path
         self._plans: dict[Any, _Plan] = {}
         self._warned: set[str] = set()
@@ -149,6 +150,8 @@ class FusedStep:
                 flats.append(flat)
             groups.append(_Group(index, flats, hyper, tensors))
         self.groups = groups
+        flat = {id(p) for g in groups for f in g.flats for p in f.params}
+        self._outside = [p for group in opt.param_groups for p in group["params"] if id(p) not in flat]
         return None
 
     def _keys(self, group: dict[str, Any], params: list[Tensor]) -> list[str]:
@@ -202,11 +205,8 @@ class FusedStep:
         # parameter outside the flat buffers that now has a gradient changes the layout: it is
         # stepped by the reference path, and since the parameters then no longer step together,
         # the fused path stays off.
-        flat_ids = {g.index: {id(p) for f in g.flats for p in f.params} for g in self.groups}
-        for index, group in enumerate(opt.param_groups):
-            ids = flat_ids.get(index, set())
-            if any(p.grad is not None and id(p) not in ids for p in group["params"]):
-                return self._give_up("a parameter without a gradient at the first fused step now has one")
+        if any(p.grad is not None for p in self._outside):
+            return self._give_up("a parameter without a gradient at the first fused step now has one")
         plan = self._plan()
         if plan.structure == "tensors":
             return self._give_up("a transform needs whole tensors (structure='tensors')")
