@@ -253,3 +253,21 @@ def test_bad_fused_values_do_not_break_construction():
     assert sg.optim.Adam(make_params(), fused=False)._fused is None
     assert sg.optim.RMSprop(make_params(), fused=True)._fused is not None
     assert math.isfinite(1.0)
+
+
+def test_many_fused_optimizers_in_one_process_each_compile(monkeypatch):
+    """Each plan has its own code object: twelve optimizers with different shapes do not exhaust
+    dynamo's per-code-object cache (8) and none falls back to eager."""
+    import warnings
+
+    monkeypatch.setenv("STEADYGRAD_COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in range(1, 13):
+            params = [torch.nn.Parameter(torch.randn(n, 3))]
+            params[0].grad = torch.ones_like(params[0])
+            opt = sg.optim.Adam(params, fused=True)
+            opt.step()
+            opt.step()
+            assert opt._fused.disabled is None

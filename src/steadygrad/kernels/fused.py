@@ -30,6 +30,7 @@ update — with ``torch.compile(fullgraph=True)``: inductor turns it into one lo
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +55,13 @@ def compile_enabled() -> bool:
 
 def _compile(fn: Callable) -> Callable:
     """``torch.compile(fullgraph=True)``; the backend is inductor unless
-    ``STEADYGRAD_COMPILE_BACKEND`` names another (``eager`` traces without generating code)."""
+    ``STEADYGRAD_COMPILE_BACKEND`` names another (``eager`` traces without generating code).
+
+    Every plan gets a function with a code object of its own: dynamo keeps its compiled graphs
+    per code object, up to a small limit (8), so one shared step function would make the ninth
+    fused optimizer of a process fall back to eager.
+    """
+    fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     backend = os.environ.get("STEADYGRAD_COMPILE_BACKEND", "inductor")
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 

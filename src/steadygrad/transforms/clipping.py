@@ -88,7 +88,6 @@ from ..core.norms import (
     check_norm_type,
     check_threshold,
     clip_coefficient,
-    norm_dtype,
     scale_,
     tensor_norms,
     total_norm,
@@ -516,27 +515,17 @@ def _unit_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
 
     A tensor of 2 or more dimensions has ``shape[0]`` units (its slices along dim 0): the result
     has shape ``(out, 1, ..., 1)``. A 0-D or 1-D tensor is one unit: the result has shape
-    ``(1,) * ndim``. All the units of all the tensors are normed in one
-    :func:`~steadygrad.core.norms.tensor_norms` call (one foreach launch per device and dtype).
+    ``(1,) * ndim``. One reduction per tensor over dims ``1..`` (not one per unit: a model's
+    embedding has tens of thousands of rows, and a graph with a node per row takes minutes to
+    compile), accumulated in float32 or wider.
     """
-    views: list[Tensor] = []
-    spans: list[tuple[int, int]] = []
-    for t in tensors:
-        start = len(views)
-        if t.dim() <= 1:
-            views.append(t)
-        else:
-            views.extend(t.unbind(0))
-        spans.append((start, len(views)))
-    norms = tensor_norms(views, 2.0)
     out = []
-    for t, (start, stop) in zip(tensors, spans):
+    for t in tensors:
+        wide = None if wide_dtype(t.dtype) == t.dtype else wide_dtype(t.dtype)
         if t.dim() <= 1:
-            out.append(norms[start].reshape((1,) * t.dim()))
-        elif start == stop:  # shape[0] == 0: no units
-            out.append(torch.zeros((0,) + (1,) * (t.dim() - 1), dtype=norm_dtype(t.dtype), device=t.device))
+            out.append(torch.linalg.vector_norm(t, 2, dtype=wide).reshape((1,) * t.dim()))
         else:
-            out.append(torch.stack(norms[start:stop]).reshape((-1,) + (1,) * (t.dim() - 1)))
+            out.append(torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.dim())), keepdim=True, dtype=wide))
     return out
 
 
