@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/optim_baseline.py
+	$(VENV)/bin/steadygrad bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -25,7 +25,7 @@ __all__ = ["COMMANDS", "CommandError", "main"]
 PROG = "steadygrad"
 
 # Subcommand modules of this package, in the order ``steadygrad --help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "trace")
+COMMANDS: tuple[str, ...] = ("demo", "trace", "bench")
 
 
 class CommandError(Exception):
