@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-__all__ = ["COMMANDS", "CommandError", "main"]
+__all__ = ["COMMANDS", "CommandError", "int_at_least", "main", "nonnegative_int", "positive_int"]
 
 PROG = "steadygrad"
 
@@ -30,6 +30,26 @@ COMMANDS: tuple[str, ...] = ("demo", "trace", "bench")
 
 class CommandError(Exception):
     """A user error: printed as one line ``steadygrad: error: <message>``, exit code 2."""
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= minimum``, with a one-line message otherwise."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
 
 
 class _Parser(argparse.ArgumentParser):

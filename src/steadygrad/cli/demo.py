@@ -16,9 +16,8 @@ from typing import Any
 import torch
 
 from ..demo import CONFIGS, DemoResult, DemoSettings, run_demo
-from . import CommandError
+from . import CommandError, nonnegative_int, positive_int
 from .progress import ProgressBar
-from .trace import _nonnegative_int, _positive_int  # the same argument checks as trace
 
 __all__ = ["add_parser", "format_table", "run"]
 
@@ -61,12 +60,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_OUT,
         help=f"output folder, created if missing (default: {DEFAULT_OUT}/)",
     )
-    parser.add_argument("--seed", type=_nonnegative_int, default=0, metavar="S", help="random seed (default: 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, metavar="S", help="random seed (default: 0)")
     parser.add_argument(
         "--quick", action="store_true", help="the tiny setting of the test suite: 300 steps, 3 corrupted batches"
     )
     parser.add_argument(
-        "--steps", type=_positive_int, metavar="N", help=f"steps per configuration (default: {defaults.steps})"
+        "--steps", type=positive_int, metavar="N", help=f"steps per configuration (default: {defaults.steps})"
     )
     parser.add_argument(
         "--spike-rate",

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from ..testfunctions import FUNCTIONS, Objective, get_function, trajectory
-from . import CommandError
+from . import CommandError, nonnegative_int, positive_int
 from .spec import OPTIMIZER, TRANSFORM, OptimizerSpec, SpecError, parse_optimizer, registry
 
 __all__ = ["add_parser", "parse_start", "run"]
@@ -65,7 +65,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"the test function: {', '.join(FUNCTIONS)} (default: d2l)",
     )
-    parser.add_argument("-n", "--steps", type=_positive_int, default=20, metavar="N", help="steps (default: 20)")
+    parser.add_argument("-n", "--steps", type=positive_int, default=20, metavar="N", help="steps (default: 20)")
     parser.add_argument(
         "--start",
         metavar="X1,X2",
@@ -76,29 +76,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--loss", action="store_true", help="add a panel with f(x) per step (log scale)")
     parser.add_argument(
-        "--seed", type=_nonnegative_int, default=0, help="seed of the spiky function's gradient spikes (default: 0)"
+        "--seed", type=nonnegative_int, default=0, help="seed of the spiky function's gradient spikes (default: 0)"
     )
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def parse_start(text: str) -> tuple[float, float]:
