@@ -618,7 +618,11 @@ def test_items_does_not_depend_on_how_the_sequences_are_split(cuts):
 
 @pytest.mark.parametrize(
     "make_transform",
-    [lambda: sg.zclip(warmup_steps=1), lambda: sg.clip_by_moment(k=3.0, beta=0.9), lambda: sg.autoclip(50.0, history=16)],
+    [
+        lambda: sg.zclip(warmup_steps=1),
+        lambda: sg.clip_by_moment(k=3.0, beta=0.9),
+        lambda: sg.autoclip(50.0, history=16),
+    ],
     ids=["zclip", "moment", "autoclip"],
 )
 def test_a_real_clipper_learns_nothing_from_a_step_the_scaler_skips(make_transform):

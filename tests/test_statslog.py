@@ -111,3 +111,75 @@ def test_tensorboard_needs_its_package(tmp_path):
         with StatsLogger(tensorboard=tmp_path) as log:
             log.log(0, loss=1.0)
         assert any(tmp_path.iterdir())
+
+
+def test_csv_and_jsonl_text_exactly(tmp_path):
+    for suffix in ("csv", "jsonl"):
+        path = tmp_path / f"log.{suffix}"
+        with StatsLogger(path, flush_every=2) as log:
+            for i in range(3):
+                log.log(10 * i, clip=_stats(i), loss=torch.tensor(0.5, dtype=torch.float64) / (i + 1))
+        text = path.read_bytes().decode()  # as written: the CSV's line ends are RFC 4180's \r\n
+        if suffix == "csv":
+            assert text == (
+                "step,clip/norm,clip/clipped_norm,clip/fraction_clipped,clip/nonfinite,clip/skipped,loss\r\n"
+                "0,0.0,1.0,0.25,0.0,0.0,0.5\r\n"
+                "10,1.5,1.0,0.25,1.0,0.0,0.25\r\n"
+                "20,3.0,1.0,0.25,0.0,0.0,0.16666666666666666\r\n"
+            )
+        else:
+            fields = '"clip/clipped_norm": 1.0, "clip/fraction_clipped": 0.25'
+            assert text == (
+                f'{{"step": 0, "clip/norm": 0.0, {fields}, "clip/nonfinite": 0.0, "clip/skipped": 0.0, "loss": 0.5}}\n'
+                f'{{"step": 10, "clip/norm": 1.5, {fields}, "clip/nonfinite": 1.0, "clip/skipped": 0.0, '
+                '"loss": 0.25}\n'
+                f'{{"step": 20, "clip/norm": 3.0, {fields}, "clip/nonfinite": 0.0, "clip/skipped": 0.0, '
+                '"loss": 0.16666666666666666}\n'
+            )
+
+
+def test_logging_reads_nothing_on_the_host(monkeypatch):
+    """log() only copies tensors on their device; values are read in flush()."""
+    log = StatsLogger(keep=True, flush_every=100)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a host read inside log()")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+            m.setattr(torch.Tensor, name, refuse)
+        for i in range(5):
+            log.log(i, clip=_stats(i), lr=0.1)
+    log.flush()
+    assert [row["clip/norm"] for row in log.rows] == [0.0, 1.5, 3.0, 4.5, 6.0]
+
+
+def test_step_is_a_python_int():
+    log = StatsLogger()
+    with pytest.raises(TypeError, match="step must be a Python int"):
+        log.log(torch.tensor(3), loss=1.0)
+    with pytest.raises(TypeError):
+        log.log(1.5, loss=1.0)
+
+
+def test_an_open_tensorboard_writer_gets_every_scalar_and_stays_open():
+    class Writer:
+        def __init__(self):
+            self.calls, self.flushes, self.closed = [], 0, False
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+        def flush(self):
+            self.flushes += 1
+
+        def close(self):
+            self.closed = True
+
+    writer = Writer()
+    with StatsLogger(tensorboard=writer, flush_every=2) as log:
+        log.log(0, loss=torch.tensor(2.0), clip={"skipped": torch.tensor(True)})
+        log.log(1, loss=1.0)
+        log.log(2, loss=torch.tensor(0.5))
+    assert writer.calls == [("loss", 2.0, 0), ("clip/skipped", 1.0, 0), ("loss", 1.0, 1), ("loss", 0.5, 2)]
+    assert writer.flushes == 2 and not writer.closed

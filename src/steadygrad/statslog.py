@@ -15,7 +15,9 @@ Example::
             log.log(step, clip=stats, loss=loss.detach(), **sg.optimizer_stats(opt))
 
 CSV (columns fixed by the first block written), JSON Lines (one object per step) and, when the
-``tensorboard`` package is installed, TensorBoard event files (``tensorboard=DIR``).
+``tensorboard`` package is installed, TensorBoard event files (``tensorboard=DIR``, or an open
+``SummaryWriter``). Every statistic is written as a float: booleans as 0.0/1.0, integers exactly up
+to 2**53; JSON has no inf or NaN, so JSON Lines writes those as the strings "inf", "-inf", "nan".
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -75,7 +78,9 @@ class StatsLogger:
     Args:
         path: a ``.csv`` or ``.jsonl`` file (``None``: TensorBoard only, or just :attr:`rows`).
         flush_every: steps buffered between writes (each write is one host transfer).
-        tensorboard: a log directory for ``torch.utils.tensorboard.SummaryWriter``.
+        tensorboard: a log directory for ``torch.utils.tensorboard.SummaryWriter``, or an open
+            writer (anything with ``add_scalar(tag, value, step)``), which is flushed but not
+            closed here.
         keep: also keep every written row in memory (:attr:`rows`), e.g. for plotting.
     """
 
@@ -84,7 +89,7 @@ class StatsLogger:
         path: str | os.PathLike | None = None,
         *,
         flush_every: int = 100,
-        tensorboard: str | os.PathLike | None = None,
+        tensorboard: str | os.PathLike | Any = None,
         keep: bool = False,
     ) -> None:
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
@@ -99,7 +104,10 @@ class StatsLogger:
             with open(self.path, "w"):
                 pass
         self.writer = None
-        if tensorboard is not None:
+        self._owns_writer = False
+        if tensorboard is not None and callable(getattr(tensorboard, "add_scalar", None)):
+            self.writer = tensorboard
+        elif tensorboard is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
@@ -107,6 +115,7 @@ class StatsLogger:
                     "logging to TensorBoard needs the tensorboard package: pip install 'steadygrad[tensorboard]'"
                 ) from error
             self.writer = SummaryWriter(os.fspath(tensorboard))
+            self._owns_writer = True
         self.flush_every = flush_every
         self.keep = keep
         self.rows: list[dict[str, float]] = []
@@ -115,11 +124,15 @@ class StatsLogger:
 
     def log(self, step: int, **stats: Any) -> None:
         """Records the statistics of ``step``: numbers, 0-d tensors, named tuples (``ClipStats``)
-        or mappings of them, flattened to ``name/field`` columns."""
+        or mappings of them, flattened to ``name/field`` columns. ``step`` is a Python integer (a
+        tensor would cost a host sync)."""
+        if isinstance(step, (Tensor, bool)):
+            raise TypeError(f"step must be a Python int, got {type(step).__name__}")
+        step = operator.index(step)
         record: dict[str, Value] = {}
         for name, value in stats.items():
             record.update(flatten_stats(name, value))
-        self._pending.append((int(step), record))
+        self._pending.append((step, record))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -148,7 +161,8 @@ class StatsLogger:
                 for key, value in row.items():
                     if key != "step":
                         self.writer.add_scalar(key, value, row["step"])
-            self.writer.flush()
+            if callable(getattr(self.writer, "flush", None)):
+                self.writer.flush()
         if self.keep:
             self.rows.extend(rows)
 
@@ -166,11 +180,11 @@ class StatsLogger:
             writer.writerows(rows)
 
     def close(self) -> None:
-        """Writes what is buffered and closes TensorBoard's writer."""
+        """Writes what is buffered and closes the TensorBoard writer it opened."""
         self.flush()
-        if self.writer is not None:
+        if self.writer is not None and self._owns_writer:
             self.writer.close()
-            self.writer = None
+        self.writer = None
 
     def __enter__(self) -> StatsLogger:
         return self
@@ -194,8 +208,9 @@ def _to_host(tensors: list[Tensor]) -> list[float]:
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
-    for indices in by_device.values():
-        values = torch.stack([tensors[i].to(torch.float64) for i in indices]).cpu().tolist()
+    for device, indices in by_device.items():
+        wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        values = torch.stack([tensors[i].to(wide) for i in indices]).cpu().tolist()
         for i, v in zip(indices, values):
             out[i] = v
     return out  # type: ignore[return-value]

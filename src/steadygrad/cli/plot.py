@@ -18,8 +18,8 @@ from ..testfunctions import Objective
 
 __all__ = ["COLORS", "MATPLOTLIB_MISSING", "plot_trajectories", "save_figure"]
 
-# matplotlib's "tab10" colours: distinct from each other and from the grey contours. A trajectory
-# beyond the tenth reuses them.
+# matplotlib's "tab10" colours less its grey, which looks like the contours and the text: distinct
+# from each other and from everything else drawn. A trajectory beyond the ninth reuses them.
 COLORS = (
     "#1f77b4",
     "#ff7f0e",
@@ -28,7 +28,6 @@ COLORS = (
     "#9467bd",
     "#8c564b",
     "#e377c2",
-    "#7f7f7f",
     "#bcbd22",
     "#17becf",
 )
@@ -116,7 +115,6 @@ def plot_trajectories(
     levels = _levels(grid, objective.log_levels)
     if levels:
         ax.contour(gx.numpy(), gy.numpy(), grid.numpy(), levels=levels, colors="0.72", linewidths=0.8)
-    ax.plot(*objective.minimum, marker="*", markersize=13, color="0.3", linestyle="none", label="minimum", zorder=4)
 
     starts = set()
     for i, (points, label) in enumerate(zip(trajectories, labels)):
@@ -149,6 +147,7 @@ def plot_trajectories(
             zorder=6,
         )
 
+    ax.plot(*objective.minimum, marker="*", markersize=13, color="0.3", linestyle="none", label="minimum", zorder=4)
     ax.set_xlim(x_low, x_high)
     ax.set_ylim(y_low, y_high)
     ratio = (y_high - y_low) / (x_high - x_low)
