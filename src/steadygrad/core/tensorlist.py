@@ -27,6 +27,8 @@ __all__ = [
     "on_device",
     "new_steps",
     "scalar_dtype",
+    "split_like",
+    "working_copy",
     "zeros_like",
 ]
 
@@ -176,3 +178,18 @@ def advance_(counters: Sequence[Tensor], gate: Tensor | None) -> None:
     else:
         for c in counters:
             c.add_(gate_increment(gate, c))
+
+
+def working_copy(grads: Sequence[Tensor], maximize: bool) -> list[Tensor]:
+    """The updates a chain starts from: new tensors holding the gradients (negated to maximize),
+    which the chain may consume under the in-place rule while ``.grad`` stays untouched."""
+    return list(torch._foreach_neg(list(grads))) if maximize else [g.clone() for g in grads]
+
+
+def split_like(flat: Sequence[Tensor], groups: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+    """``flat`` cut into consecutive lists as long as the lists of ``groups``."""
+    out, start = [], 0
+    for group in groups:
+        out.append(list(flat[start : start + len(group)]))
+        start += len(group)
+    return out

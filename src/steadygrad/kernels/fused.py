@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..core.state import assemble_state, init_state, shared_slot, state_keys, store_shared
+from ..core.tensorlist import split_like, working_copy
 from ..core.transform import Transform, coarsest_structure, hyperparameters, state_leaves
 from .flat import FlatGroup, ineligibility
 
@@ -204,9 +205,7 @@ class FusedStep:
         if self.groups is None:
             reason = self._build()
             if reason:
-                self.disabled = reason
-                self._warn(f"fused=True falls back to the reference path: {reason}")
-                return False
+                return self._give_up(reason)
         assert self.groups is not None
         # A flat parameter without a gradient counts as a zero gradient (adopt_gradients). A
         # parameter outside the flat buffers that now has a gradient changes the layout: it is
@@ -286,17 +285,12 @@ class FusedStep:
         maximize = [bool(opt.param_groups[g.index].get("maximize", False)) for g in self.groups]
 
         def step(params, grads, states, clip_state):
-            updates = [
-                list(torch._foreach_neg(gr)) if mx else [x.clone() for x in gr] for gr, mx in zip(grads, maximize)
-            ]
+            updates = [working_copy(gr, mx) for gr, mx in zip(grads, maximize)]
             if clip is not None:
                 flat_params = [p for ps in params for p in ps]
                 flat_updates = [u for us in updates for u in us]
                 flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params)
-                start = 0
-                for i, us in enumerate(updates):
-                    updates[i] = flat_updates[start : start + len(us)]
-                    start += len(us)
+                updates = split_like(flat_updates, updates)
             new_states = []
             for transform, hyper, ps, us, state in zip(transforms, hypers, params, updates, states):
                 with hyperparameters(hyper):

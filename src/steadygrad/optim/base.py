@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..core.state import run_transform, state_keys
-from ..core.tensorlist import as_real
+from ..core.tensorlist import as_real, split_like, working_copy
 from ..core.transform import Transform, hyperparameters, state_leaves
 from ..kernels.fused import FusedStep
 
@@ -197,10 +197,8 @@ class TransformOptimizer(Optimizer):
         flat_params = [p for group in params for p in group]
         flat = [u for group in updates for u in group]
         clipped = run_transform(self.state, self.clip, flat_params, flat, "clip", prefix="clip.")
-        start = 0
-        for group in updates:
-            group[:] = clipped[start : start + len(group)]
-            start += len(group)
+        for group, part in zip(updates, split_like(clipped, updates)):
+            group[:] = part
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except that with ``fused=True`` the gradients of the flat parameters are
@@ -232,8 +230,7 @@ class TransformOptimizer(Optimizer):
                         f"{type(self).__name__} does not support sparse gradients; "
                         "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
                     )
-            grads = [p.grad for p in params]
-            updates = list(torch._foreach_neg(grads)) if group.get("maximize", False) else [g.clone() for g in grads]
+            updates = working_copy([p.grad for p in params], group.get("maximize", False))
             work.append((index, group, params, updates))
         if self.clip is not None and work:
             self._clip([params for _, _, params, _ in work], [updates for *_, updates in work])

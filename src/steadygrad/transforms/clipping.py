@@ -93,7 +93,7 @@ from ..core.norms import (
     total_norm,
     wide_dtype,
 )
-from ..core.tensorlist import Scalar, addcmul_, advance_, bias_correction, gate_ema, on_device, scalar_dtype
+from ..core.tensorlist import Scalar, addcmul_, advance_, bias_correction, gate_ema_per_tensor, on_device, scalar_dtype
 from ..core.transform import Transform, commit_gate
 
 __all__ = [
@@ -392,12 +392,9 @@ def moment_clip_update(
 
     # v from the raw gradient (before it is clipped below), widened to v's dtype.
     raw = [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(updates, nu)]
-    for dev, idx in _by_device(nu).items():
-        decay, rate = gate_ema(beta, gate, dev)
-        group = [nu[i] for i in idx]
-        src = [raw[i] for i in idx]
-        torch._foreach_mul_(group, decay)
-        addcmul_(group, src, src, rate)
+    decay, rate = gate_ema_per_tensor(beta, gate, nu)
+    torch._foreach_mul_(nu, decay)
+    addcmul_(nu, raw, raw, rate)
     advance_(count, gate)
 
     return updates, clamp_to_threshold_(updates, threshold)
@@ -433,13 +430,6 @@ def clamp_to_threshold_(updates: list[Tensor], threshold: list[Tensor]) -> Tenso
     torch._foreach_neg_(threshold)
     torch._foreach_clamp_min_(updates, threshold)
     return fraction_of(counts, total)
-
-
-def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
-    out: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault(t.device, []).append(i)
-    return out
 
 
 def clip_by_moment(k: Scalar = 5.0, beta: Scalar = 0.999) -> Transform:
