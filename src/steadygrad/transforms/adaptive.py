@@ -299,6 +299,11 @@ def adam_update(
         ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
     threshold = None if moment_clip is None else moment_threshold(exp_avg_sq, steps, k=moment_clip, beta=beta2)
+    # This step's bias corrections (t = count + 1) from the counters before they advance: no
+    # scalar op then waits for the advance, and compiled, all the element-wise work is one loop.
+    # (Under a closed commit gate the counters stay, and the discarded updates use t = count + 1.)
+    bc1 = bias_correction(beta1, steps, offset=-1)
+    bc2 = bias_correction(beta2, steps, offset=-1)
     advance_(steps, gate)
     decay, rate = gate_ema_per_tensor(beta2, gate, exp_avg_sq)
     torch._foreach_mul_(exp_avg_sq, decay)
@@ -310,8 +315,6 @@ def adam_update(
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
-    bc1 = bias_correction(beta1, steps)
-    bc2 = bias_correction(beta2, steps)
     if eps_in_sqrt:
         den = torch._foreach_div(second, bc2)
         torch._foreach_add_(den, eps)
