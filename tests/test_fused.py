@@ -166,7 +166,9 @@ def test_checkpoints_of_a_fused_optimizer_move_to_torch_and_back(eager_fused):
         step_all(resumed_params, resumed, step)
     assert_same_run(resumed_params, resumed, params, fused, rtol=1e-14)
     for a, b in zip(params, torch_params):
-        assert max_rel_diff(a.detach(), b.detach()) <= 1e-12
+        # float32: the fused step runs the vector in a larger buffer, where other elements take
+        # the vectorised (FMA) path of an operation than in torch's 7-element tensor
+        assert max_rel_diff(a.detach(), b.detach()) <= (1e-6 if a.dtype == torch.float32 else 1e-12)
 
 
 @pytest.mark.parametrize(

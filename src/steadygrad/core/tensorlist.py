@@ -91,13 +91,13 @@ def addcmul_(out: list[Tensor], a: list[Tensor], b: list[Tensor], value: Scalar 
 
 
 @torch.library.custom_op("steadygrad::bias_correction", mutates_args=())
-def _bias_correction_op(beta: Tensor, step: Tensor, offset: int) -> Tensor:
-    return 1 - beta.to(torch.float64) ** (step.to(torch.float64) - offset)
+def _bias_correction_op(beta: Tensor, steps: list[Tensor], offset: int) -> list[Tensor]:
+    return [1 - beta.to(s.device, torch.float64) ** (s.to(torch.float64) - offset) for s in steps]
 
 
 @_bias_correction_op.register_fake
-def _(beta: Tensor, step: Tensor, offset: int) -> Tensor:
-    return torch.empty((), dtype=torch.float64, device=step.device)
+def _(beta: Tensor, steps: list[Tensor], offset: int) -> list[Tensor]:
+    return [torch.empty((), dtype=torch.float64, device=s.device) for s in steps]
 
 
 def bias_correction(beta: Scalar, steps: Sequence[Tensor], offset: int = 0) -> list[Tensor]:
@@ -106,14 +106,14 @@ def bias_correction(beta: Scalar, steps: Sequence[Tensor], offset: int = 0) -> l
     Computed in double precision from the counters, never read on the host: torch.optim computes
     the same value with Python floats after a ``.item()`` per parameter.
 
-    Under ``torch.compile`` the value comes from an opaque op (``steadygrad::bias_correction``):
-    inductor would otherwise inline the scalar ``pow`` into the vectorised loop over the
-    parameters and evaluate it once per vector of 16 elements (measured: 32 ms instead of 5 ms
-    for an Adam step on 10M parameters on 2 CPU cores).
+    Under ``torch.compile`` the values come from one opaque op (``steadygrad::bias_correction``)
+    for all the counters: inductor would otherwise inline the scalar ``pow`` into the vectorised
+    loop over the parameters and evaluate it once per vector of 16 elements (measured: 32 ms
+    instead of 5 ms for an Adam step on 10M parameters on 2 CPU cores).
     """
     if torch.compiler.is_compiling():
         base = beta if isinstance(beta, Tensor) else torch.tensor(beta, dtype=torch.float64)
-        return [_bias_correction_op(base.to(s.device), s, offset) for s in steps]
+        return list(_bias_correction_op(base, list(steps), offset))
     exponents = [s.to(torch.float64) - offset if offset else s.to(torch.float64) for s in steps]
     if isinstance(beta, Tensor):
         beta = beta.to(torch.float64)

@@ -21,6 +21,7 @@ kernel advances and copies back.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["FlatGroup", "ineligibility"]
+
+_GRAD = operator.attrgetter("grad")
 
 
 def ineligibility(p: Tensor) -> str | None:
@@ -141,19 +144,24 @@ class FlatGroup:
         """Per-parameter views of a buffer laid out like ``param_buf``."""
         return [buf[o : o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
 
-    def class_views(self, buf: Tensor) -> list[Tensor]:
-        """One ``(rows, row_length)`` view per unit class of a buffer laid out like ``param_buf``."""
+    def class_views(self, buf: Tensor, structure: str = "units") -> list[Tensor]:
+        """The tensors a step of ``structure`` runs on, of a buffer laid out like ``param_buf``:
+        one ``(rows, row_length)`` view per unit class, or for ``"elements"`` the whole buffer
+        (one tensor: one loop, one counter, fewer guards)."""
+        if structure == "elements":
+            return [buf]
         out = []
         for c in self.classes:
             rows = c.size // c.row_length if c.row_length else 0
             out.append(buf[c.start : c.start + c.size].view(rows, c.row_length))
         return out
 
-    def counter_views(self, key: str) -> list[Tensor]:
-        """One 0-d counter per class for the 0-d state ``key`` (distinct tensors, so that a
-        transform advancing each element of its list advances each once)."""
+    def counter_views(self, key: str, structure: str = "units") -> list[Tensor]:
+        """The 0-d counters of the 0-d state ``key`` that go with :meth:`class_views`: one per
+        class (distinct tensors, so that a transform advancing each element of its list advances
+        each once), or the first one for ``"elements"``."""
         counters = self.counters[key]
-        return [counters[i] for i in range(len(self.classes))]
+        return [counters[i] for i in range(1 if structure == "elements" else len(self.classes))]
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -167,6 +175,8 @@ class FlatGroup:
     def adopt_gradients(self) -> None:
         """Brings gradients that were replaced (``zero_grad(set_to_none=True)`` of a module, a
         hook assigning ``.grad``) back into the buffer and re-points ``.grad`` at it."""
+        if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
+            return  # the usual case, checked without a Python loop
         for p, view in zip(self.params, self.grad_views):
             grad = p.grad
             if grad is not view:
@@ -178,6 +188,11 @@ class FlatGroup:
                 p.grad = view
 
     def publish_counters(self) -> None:
-        """Copies the per-class counters (advanced by the kernel) to the per-parameter entries."""
+        """Copies the first class counter (advanced by the kernel; the others advance with it,
+        or not at all in a step over the whole buffer) to the other classes and the
+        per-parameter entries."""
         for key, buf in self.scalar.items():
-            buf.copy_(self.counters[key][:1].expand_as(buf))
+            counters = self.counters[key]
+            if len(counters) > 1:
+                counters[1:].copy_(counters[:1].expand(len(counters) - 1))
+            buf.copy_(counters[:1].expand_as(buf))

@@ -5,7 +5,9 @@ reference path runs (the optimizer's ``build_transform(group)`` and its ``clip``
 unit-class views of :class:`~steadygrad.kernels.flat.FlatGroup` buffers instead of per-parameter
 tensors, and compiles the whole step — clipping, every parameter group's chain and the parameter
 update — with ``torch.compile(fullgraph=True)``: inductor turns it into one loop over memory
-(two where a global norm must be known first), C++ on CPU and Triton on GPU.
+(two where a global norm must be known first), C++ on CPU and Triton on GPU. A step whose
+transforms are all element-wise runs on each buffer whole; one with a unit-wise transform (AGC)
+on the buffer's unit-class views.
 
 * Hyperparameters are 0-d float64 tensors, refreshed from ``param_groups`` before every step, so an
   LR scheduler (OneCycleLR also cycles betas and momentum) never recompiles. Structural options
@@ -326,13 +328,13 @@ class FusedStep:
         opt = self.optimizer
         params, grads, states = [], [], []
         for g, (template, keys) in zip(self.groups, plan.templates):
-            params.append([v for f in g.flats for v in f.class_views(f.param_buf)])
-            grads.append([v for f in g.flats for v in f.class_views(f.grad_buf)])
-            states.append(_gather_flat(template, keys, g.flats, opt.state, f"group{g.index}"))
+            params.append([v for f in g.flats for v in f.class_views(f.param_buf, plan.structure)])
+            grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, plan.structure)])
+            states.append(_gather_flat(template, keys, g.flats, opt.state, f"group{g.index}", plan.structure))
         clip_state = None
         if plan.clip_keys is not None:
             flats = [f for g in self.groups for f in g.flats]
-            clip_state = _gather_flat(opt.clip.init([]), plan.clip_keys, flats, opt.state, "clip")
+            clip_state = _gather_flat(opt.clip.init([]), plan.clip_keys, flats, opt.state, "clip", plan.structure)
         return params, grads, states, clip_state
 
 
@@ -369,13 +371,16 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
     return run
 
 
-def _gather_flat(template: Any, keys: list, flats: list[FlatGroup], store: Any, shared_key: str) -> Any:
-    """The transform state over the class views of ``flats``, in the template's structure."""
+def _gather_flat(
+    template: Any, keys: list, flats: list[FlatGroup], store: Any, shared_key: str, structure: str
+) -> Any:
+    """The transform state over the views of ``flats`` for ``structure``, in the template's
+    structure."""
 
     def per_param(k: Any) -> list[Tensor]:
         if k.key in flats[0].full:
-            return [v for f in flats for v in f.class_views(f.full[k.key])]
-        return [v for f in flats for v in f.counter_views(k.key)]
+            return [v for f in flats for v in f.class_views(f.full[k.key], structure)]
+        return [v for f in flats for v in f.counter_views(k.key, structure)]
 
     return assemble_state(template, keys, per_param, shared_slot(store, shared_key, keys))
 
