@@ -371,9 +371,7 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
     return run
 
 
-def _gather_flat(
-    template: Any, keys: list, flats: list[FlatGroup], store: Any, shared_key: str, structure: str
-) -> Any:
+def _gather_flat(template: Any, keys: list, flats: list[FlatGroup], store: Any, shared_key: str, structure: str) -> Any:
     """The transform state over the views of ``flats`` for ``structure``, in the template's
     structure."""
 
