@@ -286,3 +286,11 @@ def test_time_limit_interrupts_a_long_first_step():
     assert time.perf_counter() - t0 < 2
     with bench._time_limit(None):  # no limit: nothing happens
         pass
+
+
+def test_instruction_set_probe_is_reported_apart_from_the_start_up(tiny_report):
+    report = dict(tiny_report, compiler_startup_s=2.25, vec_isa_probe_s=7.25)
+    text = bench.format_report(report)
+    assert "compiler start-up (first torch.compile of the process" in text and "2.2 s" in text
+    assert "vector instruction sets: 7.2 s (once per machine" in text
+    assert "plus 7.2 s once per machine" in bench.format_markdown(report)

@@ -349,6 +349,21 @@ def _dynamo_counts() -> dict[str, int]:
     }
 
 
+def vec_isa_probe() -> float | None:
+    """Seconds inductor spends probing the CPU's vector instruction sets (it builds and runs a
+    small C++ program per candidate: AVX-512, AVX2, ...). Inductor does this once per machine and
+    cache directory and keeps the result on disk; a later process only loads it. Measured apart,
+    before :func:`compiler_startup`, so that the start-up is what every fresh process pays."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        t0 = time.perf_counter()
+        cpu_vec_isa.valid_vec_isa_list()
+        return time.perf_counter() - t0
+    except Exception:  # pragma: no cover - another torch layout, or no compiler
+        return None
+
+
 def compiler_startup() -> float | None:
     """Seconds to compile and run a one-line function with ``torch.compile``: what the first
     compile of a process pays once (imports, the compile workers, the C++ toolchain, headers for a
@@ -987,6 +1002,7 @@ def run_benchmark(
     done = 0
     with _inductor_cache(compile_cache if "sg_fused" in contenders else "warm"):
         if "sg_fused" in contenders:
+            report["vec_isa_probe_s"] = vec_isa_probe()
             report["compiler_startup_s"] = compiler_startup()
         for size, layout, name, record in _run_cases(
             sizes, layouts, cases, copy, contenders, repeats, warmup, recompile_steps, seed, compile_timeout
@@ -1115,7 +1131,8 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
         if r["layout"] == "transformer" and fused.get("compiled"):
-            # a fresh process pays the compiler's start-up too (measured once per run)
+            # a fresh process pays the compiler's start-up too (measured once per run); inductor's
+            # probe of the CPU's instruction sets, once per machine, is reported apart
             first = fused.get("first_step_s")
             if first is not None:
                 first += report.get("compiler_startup_s") or 0.0
@@ -1157,6 +1174,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"compiler start-up (first torch.compile of the process, {s.get('compile_cache', 'warm')} cache): "
             f"{report['compiler_startup_s']:.1f} s, not included in the compile column"
+        )
+    if report.get("vec_isa_probe_s") is not None:
+        lines.append(
+            f"inductor's probe of the CPU's vector instruction sets: {report['vec_isa_probe_s']:.1f} s "
+            "(once per machine and inductor cache directory; not in the start-up above)"
         )
     others = report["copy"].get("others")
     if others:
@@ -1288,6 +1310,11 @@ def format_markdown(report: dict[str, Any]) -> str:
         + (
             f"; compiler start-up {report['compiler_startup_s']:.1f} s ({s.get('compile_cache', 'warm')} cache)"
             if report.get("compiler_startup_s") is not None
+            else ""
+        )
+        + (
+            f", plus {report['vec_isa_probe_s']:.1f} s once per machine for inductor's CPU instruction-set probe"
+            if report.get("vec_isa_probe_s") is not None
             else ""
         )
         + ".",
