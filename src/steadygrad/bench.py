@@ -288,9 +288,6 @@ def _cases() -> dict[str, Case]:
 
 
 CASES: dict[str, Case] = _cases()
-# Left out of --full: its fused compile takes minutes at this version (1M big: about 2 min; 1M
-# transformer: more than 10 min, in inductor's post-grad passes). Run it with --cases.
-SLOW_CASES = ("adam+unit_ratio",)
 QUICK_CASES = ("rmsprop+moment_clip", "adam+moment_clip")
 DEFAULT_CASES = (
     "adagrad+norm",
@@ -310,7 +307,7 @@ MODES: dict[str, dict[str, Any]] = {
     "full": dict(
         sizes=(10**6, 10**7, 10**8),
         layouts=("big", "transformer"),
-        cases=tuple(c for c in CASES if c not in SLOW_CASES),
+        cases=tuple(CASES),
         repeats=15,
         warmup=3,
     ),

@@ -24,7 +24,7 @@ OneCycleLR steps and page faults per step. See docs/benchmarks.md.
 modes (times on 2 cores of an AMD EPYC):
        --quick  1M transformer, 2 cases, 7 repeats (about 20 s)
        default  1M,10M x big,transformer, 8 cases, 15 repeats (about 3 min)
-       --full   1M,10M,100M x big,transformer, 14 cases (all but adam+unit_ratio), 15 repeats
+       --full   1M,10M,100M x big,transformer, all 15 cases, 15 repeats
                 (about 30 min, 11 GB of memory)"""
 
 
@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the options of ``bench`` to ``parser`` (shared with benchmarks/run.py)."""
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the quick suite (1M, 2 cases, few repeats)")
-    mode.add_argument("--full", action="store_true", help="the full suite (up to 100M, all cases but adam+unit_ratio)")
+    mode.add_argument("--full", action="store_true", help="the full suite (up to 100M, all cases)")
     parser.add_argument("--sizes", metavar="LIST", help="parameter counts, e.g. 1M,10M,100M (default: the mode's)")
     parser.add_argument("--layouts", metavar="LIST", help="big,transformer (default: the mode's)")
     parser.add_argument("--cases", metavar="LIST", help="cases, or 'all'; see --list-cases (default: the mode's)")

@@ -543,7 +543,13 @@ def unit_ratio_clip_update(
         clipped = gn > limit
         coef = torch.where(clipped, limit / torch.clamp(gn, min=AGC_DIV_EPS), 1.0)
         # ``coef`` has u's number of dimensions, so u is multiplied in coef's (wide) dtype.
-        u.mul_(coef)
+        if torch.compiler.is_compiling() and u.is_contiguous():
+            # The same product over the flattened tensor, the coefficient indexed by element:
+            # compiled, every loop of the step is then one-dimensional, so the writes of the
+            # optimizer's state fuse into the loop that computes it (no temporaries).
+            u.view(-1).mul_(coef.expand(u.shape).reshape(-1))
+        else:
+            u.mul_(coef)
         counts.append(torch.count_nonzero(clipped))
         units += gn.numel()
     return updates, fraction_of(counts, units)
