@@ -144,7 +144,7 @@ class FlatGroup:
         """Per-parameter views of a buffer laid out like ``param_buf``."""
         return [buf[o : o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
 
-    def class_views(self, buf: Tensor, structure: str = "units") -> list[Tensor]:
+    def class_views(self, buf: Tensor, structure: str) -> list[Tensor]:
         """The tensors a step of ``structure`` runs on, of a buffer laid out like ``param_buf``:
         one ``(rows, row_length)`` view per unit class, or for ``"elements"`` the whole buffer
         (one tensor: one loop, one counter, fewer guards)."""
@@ -156,7 +156,7 @@ class FlatGroup:
             out.append(buf[c.start : c.start + c.size].view(rows, c.row_length))
         return out
 
-    def counter_views(self, key: str, structure: str = "units") -> list[Tensor]:
+    def counter_views(self, key: str, structure: str) -> list[Tensor]:
         """The 0-d counters of the 0-d state ``key`` that go with :meth:`class_views`: one per
         class (distinct tensors, so that a transform advancing each element of its list advances
         each once), or the first one for ``"elements"``."""
