@@ -17,18 +17,18 @@ import pytest
 import torch
 
 from steadygrad.clipper import Clipper
-from steadygrad.core.state import run_transform, state_keys
-from steadygrad.core.transform import chain, gated
+from steadygrad.core.state import SharedDict, StateLayout, state_keys
+from steadygrad.core.transform import StepContext, chain
 from steadygrad.transforms.adaptive import scale_by_adam
-from steadygrad.transforms.adaptive_clipping import (
+from steadygrad.transforms.clipping import (
     AutoClipState,
     ZClipState,
-    _percentile_sorted,
     autoclip,
     autoclip_update,
     zclip,
     zclip_update,
 )
+from steadygrad.transforms.clipping.autoclip import _percentile_sorted
 
 F64 = torch.float64
 SHAPES = [(3, 4), (5,), (2, 3, 2), ()]
@@ -287,12 +287,11 @@ def test_closed_commit_gate_leaves_no_trace(name):
         if i in BAD_STEPS:
             before = snapshot(state)
             sanitized = [torch.zeros_like(g) for g in bad_grads(grads, "nan")]
-            with gated(torch.tensor(0.0)):
-                out, state = t.update(sanitized, state, params)
+            out, state = t.update(sanitized, state, params, StepContext(gate=torch.tensor(0.0)))
             assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
             assert_bitwise(comparable(state, name), comparable(before, name))
-        with gated(torch.tensor(1.0)):  # an open gate is the same as no gate
-            out, state = t.update(clone(grads), state, params)
+        # an open gate is the same as no gate
+        out, state = t.update(clone(grads), state, params, StepContext(gate=torch.tensor(1.0)))
         for o, r in zip(out, ref_outs[i]):
             assert torch.equal(o, r)
         assert_bitwise(comparable(state, name), comparable(ref_states[i], name))
@@ -419,7 +418,7 @@ def test_state_lives_in_a_shared_store_and_keeps_torch_keys():
     store: dict = {p: {} for p in params}
     store["shared"] = {}
     for i, grads in enumerate(grads_seq):
-        out = run_transform(store, zclip(warmup_steps=5), params, clone(grads), "shared")
+        out = StateLayout(zclip(warmup_steps=5)).run(store, params, clone(grads), SharedDict(store["shared"]))
         for o, r in zip(out, ref_outs[i]):
             assert torch.equal(o, r)
     assert all(store[p] == {} for p in params)

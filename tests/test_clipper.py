@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from steadygrad.clipper import Clipper, ClipStats
-from steadygrad.core.transform import chain, gated
+from steadygrad.core.transform import StepContext, chain
 from steadygrad.transforms.clipping import (
     clip_by_moment,
     clip_by_norm,
@@ -351,8 +351,8 @@ def test_skip_nonfinite_wrapper():
     inner_after = inner.count + inner.nu + [inner.fraction_clipped]
     assert all(torch.equal(a, b) for a, b in zip(inner_before, inner_after))
 
-    with gated(torch.tensor(0.0)):  # an outer skip freezes the wrapper's own counters too
-        _, state = t.update([x.clone() for x in bad], state, None)
+    # an outer skip freezes the wrapper's own counters too
+    _, state = t.update([x.clone() for x in bad], state, None, StepContext(gate=torch.tensor(0.0)))
     assert (state[0].nonfinite.item(), state[0].consecutive.item(), state[0].total.item()) == (2, 1, 1)
 
     out, state = t.update([x * 4 for x in g], state, None)  # a good step, clipped by v of step 1

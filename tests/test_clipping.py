@@ -3,7 +3,6 @@ OpenAI Five moment rule step by step, the commit gate, and torch.compile."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from steadygrad.clipper import Clipper
-from steadygrad.core.transform import chain, gated, state_leaves
+from steadygrad.core.transform import StepContext, chain, state_leaves
 from steadygrad.transforms.clipping import (
     clip_by_moment,
     clip_by_norm,
@@ -362,12 +361,10 @@ def test_moment_closed_gate_leaves_state_bit_for_bit():
     for s in range(3):
         _, state = t.update(_grads(20 + s), state, None)
     before = [x.clone() for x in state.count + state.nu] + [state.fraction_clipped.clone()]
-    with gated(torch.tensor(0.0)):
-        _, state = t.update(_grads(30, scale=100.0), state, None)
+    _, state = t.update(_grads(30, scale=100.0), state, None, StepContext(gate=torch.tensor(0.0)))
     after = state.count + state.nu + [state.fraction_clipped]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    with gated(torch.tensor(1.0)):
-        _, state = t.update(_grads(30), state, None)
+    _, state = t.update(_grads(30), state, None, StepContext(gate=torch.tensor(1.0)))
     assert state.count[0].item() == 4
 
 
@@ -514,11 +511,9 @@ def test_transform_update_compiles_fullgraph():
         state_e, state_c = t.init(params), t.init(params)
         for step in range(3):
             grads = _grads(19 + step)
-            with contextlib.ExitStack() as stack:
-                if gate is not None:
-                    stack.enter_context(gated(gate))
-                out_e, state_e = t.update([g.clone() for g in grads], state_e, params)
-                out_c, state_c = compiled([g.clone() for g in grads], state_c, params)
+            ctx = StepContext(gate=gate)
+            out_e, state_e = t.update([g.clone() for g in grads], state_e, params, ctx)
+            out_c, state_c = compiled([g.clone() for g in grads], state_c, params, ctx)
             for a, b in zip(out_e, out_c):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
         for (_, le), (_, lc) in zip(state_leaves(state_e), state_leaves(state_c)):

@@ -4,14 +4,15 @@ context, commit gate, and the tensor-list helpers."""
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import pytest
 import torch
 
 import steadygrad as sg
-from steadygrad.core import commit_gate, gated, group_hyperparameter, hyperparameters, state_leaves
-from steadygrad.core.state import run_transform, state_keys
+from steadygrad.core import Hyper, StepContext, state_leaves
+from steadygrad.core.state import SharedDict, StateLayout, state_keys
 from steadygrad.core.tensorlist import bias_correction, group_by_device_dtype
 
 from ._parity import assert_same_run, clone_params, make_params, train_step
@@ -46,13 +47,22 @@ def test_in_place_rule_params_are_read_only_and_results_are_what_is_returned(nam
         assert torch.equal(p, s)
 
 
-def test_in_place_rule_updates_are_reused_not_copied():
-    """torch-style memory: a chain writes into the update buffers it was given."""
+def test_in_place_rule_what_a_chain_writes_and_what_it_reads():
+    """torch-style memory: Adam reads the gradients it is given and returns new updates, which
+    the rest of the chain writes in place; so an optimizer passes .grad without a copy."""
     params = [torch.randn(5, dtype=torch.float64)]
     t = sg.chain(sg.scale_by_adam(), sg.add_decayed_weights(0.1), sg.scale_by_lr(lr=0.1))
+    assert not t.writes_updates and t.fresh_updates
     updates = [torch.randn(5, dtype=torch.float64)]
+    given = updates[0].clone()
     out, _ = t.update(updates, t.init(params), params)
-    assert out[0] is updates[0]
+    assert out[0] is not updates[0] and torch.equal(updates[0], given)
+    # a chain that starts by writing (coupled weight decay, moment clipping) says so
+    assert sg.chain(sg.add_decayed_weights(0.1), sg.scale_by_adam()).writes_updates
+    assert sg.chain(sg.scale_by_adam(moment_clip=5.0), sg.scale_by_lr()).writes_updates
+    t = sg.chain(sg.scale(2.0), sg.scale_by_lr(lr=0.1))
+    out, _ = t.update(updates, t.init(params), params)
+    assert t.writes_updates and out[0] is updates[0]
 
 
 def test_chain_composes_in_order():
@@ -83,16 +93,18 @@ class _CountState(NamedTuple):
     seen: list[torch.Tensor]  # per parameter
 
 
-def _counting():
+@dataclass(frozen=True)
+class _Counting(sg.Transform):
     """A test transform with one shared and one per-parameter field."""
 
-    def init(params):
+    def init(self, params):
         return _CountState(torch.zeros(()), [torch.zeros(()) for _ in params])
 
-    def update(updates, state, params=None):
+    def update(self, updates, state, params=None, ctx=None):
         return updates, _CountState(state.calls + 1, [s + 1 for s in state.seen])
 
-    return sg.Transform(init, update)
+
+_counting = _Counting
 
 
 def test_shared_and_per_parameter_state_in_an_optimizer_and_its_state_dict():
@@ -100,20 +112,25 @@ def test_shared_and_per_parameter_state_in_an_optimizer_and_its_state_dict():
     opt = sg.optim.Transformed(params, sg.chain(_counting(), sg.scale_by_lr()), lr=0.1)
     for step in range(6):
         train_step(params, opt, step)
-    assert opt.state["group0"]["calls"].item() == 6
+    assert opt.shared_state()["group0"]["calls"].item() == 6
     assert opt.state[params[0]]["seen"].item() == 6 and opt.state[params[4]]["seen"].item() == 4
+    # shared state is replicated in the parameters' entries: opt.state holds parameters only
+    assert all(isinstance(k, torch.Tensor) for k in opt.state)
+    assert all(opt.state[p]["group.calls"] is opt.state[params[0]]["group.calls"] for p in opt.state)
     sd = opt.state_dict()
     fresh = sg.optim.Transformed(params, sg.chain(_counting(), sg.scale_by_lr()), lr=0.1)
     fresh.load_state_dict(sd)
     train_step(params, fresh, 6)
-    assert fresh.state["group0"]["calls"].item() == 7
+    assert fresh.shared_state()["group0"]["calls"].item() == 7
+    assert all(fresh.state[p]["group.calls"] is fresh.state[params[0]]["group.calls"] for p in fresh.state)
 
 
-def test_run_transform_returns_new_state_tensors_to_the_store():
+def test_a_layout_returns_new_state_tensors_to_the_store():
     store = defaultdict(dict)
     params = [torch.zeros(2)]
-    run_transform(store, _counting(), params, [torch.ones(2)], "shared")
-    run_transform(store, _counting(), params, [torch.ones(2)], "shared")
+    layout = StateLayout(_counting())
+    layout.run(store, params, [torch.ones(2)], SharedDict(store["shared"]))
+    layout.run(store, params, [torch.ones(2)], SharedDict(store["shared"]))
     assert store["shared"]["calls"].item() == 2 and store[params[0]]["seen"].item() == 2
 
 
@@ -133,20 +150,23 @@ def test_transformed_chain_equals_the_named_optimizer(decoupled):
 
 def test_scale_by_lr_reads_the_group_and_explains_itself_outside_an_optimizer():
     t = sg.scale_by_lr()
-    with hyperparameters({"lr": 0.5}):
-        out, _ = t.update([torch.ones(2)], t.init([]), None)
-        assert group_hyperparameter("lr") == 0.5
+    assert t.lr == Hyper("lr")
+    out, _ = t.update([torch.ones(2)], t.init([]), None, StepContext({"lr": 0.5}))
     assert out[0].tolist() == [-0.5, -0.5]
-    with pytest.raises(RuntimeError, match="scale_by_lr"):
+    with pytest.raises(KeyError, match="scale_by_lr"):
         t.update([torch.ones(2)], t.init([]), None)
 
 
-def test_commit_gate_context():
-    assert commit_gate() is None
+def test_step_context_resolves_references_and_carries_the_gate_explicitly():
     g = torch.tensor(0.0)
-    with gated(g):
-        assert commit_gate() is g
-    assert commit_gate() is None
+    ctx = StepContext(
+        {"lr": torch.tensor([0.5]), "betas": (torch.tensor([[0.9]]), 0.99)}, gate=g, norm=torch.tensor(3.0)
+    )
+    assert ctx.value(Hyper("lr")).shape == () and ctx.value(2.0) == 2.0
+    b1, b2 = ctx.value(Hyper("betas"))
+    assert b1.shape == () and b2 == 0.99
+    assert ctx.with_gate(None).gate is None and ctx.with_gate(None).norm is None
+    assert ctx.without_norm().gate is g and ctx.without_norm().norm is None
 
 
 def test_group_by_device_dtype_keeps_first_seen_order():
@@ -162,10 +182,14 @@ def test_group_by_device_dtype_keeps_first_seen_order():
 
 def test_bias_correction_is_double_precision_per_counter():
     steps = [torch.tensor(1.0), torch.tensor(3.0), torch.tensor(40.0)]
+    # CPU counters are read as torch.optim reads them: Python floats, torch's very numbers
     got = bias_correction(0.999, steps)
-    assert all(g.dtype == torch.float64 for g in got)
-    assert [g.item() for g in got] == [1 - 0.999**1, 1 - 0.999**3, 1 - 0.999**40]
-    assert [g.item() for g in bias_correction(0.9, steps, offset=1)][1] == 1 - 0.9**2
+    assert got == [1 - 0.999**1, 1 - 0.999**3, 1 - 0.999**40]
+    assert bias_correction(0.9, steps, offset=1)[1] == 1 - 0.9**2
+    # a tensor beta: 0-d float64 tensors, nothing read on the host
+    got = bias_correction(torch.tensor(0.999, dtype=torch.float64), steps)
+    assert all(g.dtype == torch.float64 and g.dim() == 0 for g in got)
+    torch.testing.assert_close(torch.stack(got), torch.tensor([1 - 0.999**t for t in (1, 3, 40)], dtype=torch.float64))
 
 
 def test_a_set_inside_a_param_group_raises_type_error():

@@ -39,7 +39,7 @@ def test_clip_by_norm_equals_clip_grad_norm_then_torch_step(name, norm_type, max
         opt_t.step()
         train_step(params_s, opt_s, step)
     assert_same_run(params_s, opt_s, params_t, opt_t)
-    assert opt_s.state["clip"]["fraction_clipped"].item() in (0.0, 1.0)
+    assert opt_s.shared_state()["clip"]["fraction_clipped"].item() in (0.0, 1.0)
 
 
 def test_clip_leaves_grad_untouched():
@@ -49,7 +49,7 @@ def test_clip_leaves_grad_untouched():
     saved = [p.grad.clone() for p in params]
     opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(params, saved))
-    assert opt.state["clip"]["fraction_clipped"].item() > 0.5
+    assert opt.shared_state()["clip"]["fraction_clipped"].item() > 0.5
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,8 @@ def test_clip_state_is_namespaced_and_survives_checkpoints():
     for step in range(6):
         train_step(params, opt, step)
     keys = set(opt.state[params[0]])
-    assert keys == {"step", "exp_avg", "exp_avg_sq", "clip.count", "clip.nu"}
+    assert keys == {"step", "exp_avg", "exp_avg_sq", "clip.count", "clip.nu", "clip.fraction_clipped"}
+    assert all(isinstance(k, torch.Tensor) for k in opt.state)
 
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -179,9 +180,9 @@ def test_adam_moment_clip_equals_the_reference(name):
     )
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-14)
     assert clipped[20] and clipped[21]  # both spikes were cut (the second saw the first in v)
-    assert opt.state["group0"]["fraction_clipped"].item() == float(clipped[-1])
-    # no extra memory: the state is Adam's own
-    assert set(opt.state[x]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.shared_state()["group0"]["moment_clip_fraction"].item() == float(clipped[-1])
+    # no extra memory: the state is Adam's own (and one shared number)
+    assert set(opt.state[x]) == {"step", "exp_avg", "exp_avg_sq", "group.moment_clip_fraction"}
 
 
 def test_rmsprop_moment_clip_equals_the_reference():

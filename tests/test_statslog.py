@@ -77,8 +77,8 @@ def test_optimizer_stats_reads_lr_and_clip_statistics_without_sync():
     params[0].grad = torch.ones(5)
     opt.step()
     stats = optimizer_stats(opt)
-    assert set(stats) == {"lr", "clip/fraction_clipped", "group0/fraction_clipped"}
-    assert stats["clip/fraction_clipped"].item() == 1.0
+    assert set(stats) == {"lr", "optim/clip_fraction", "optim/moment_clip_fraction"}
+    assert stats["optim/clip_fraction"].item() == 1.0
     two_groups = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr": 0.5}], lr=0.1)
     assert optimizer_stats(two_groups) == {"lr/0": 0.1, "lr/1": 0.5}
 

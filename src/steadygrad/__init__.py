@@ -7,7 +7,7 @@ from . import optim
 from .accumulate import GradAccumulator, WindowCounts, WindowEnd
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .clipper import Clipper, ClipStats
-from .core import EmptyState, Transform, chain, group_by_device_dtype, identity
+from .core import Chain, EmptyState, Hyper, StepContext, Transform, chain, group_by_device_dtype, identity
 from .statslog import StatsLogger, optimizer_stats
 from .transforms import (
     add_decayed_weights,
@@ -30,9 +30,12 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chain",
     "ClipStats",
     "Clipper",
     "EmptyState",
+    "Hyper",
+    "StepContext",
     "GradAccumulator",
     "StatsLogger",
     "Transform",

@@ -76,15 +76,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .core.params import parse_params
 from .core.tensorlist import group_by_device_dtype
-from .core.transform import gated
 
 __all__ = ["GradAccumulator", "WindowCounts", "WindowEnd"]
 
@@ -122,32 +122,6 @@ class WindowEnd(NamedTuple):
     counts: WindowCounts
     commit: Tensor
     clip: Any
-
-
-def _collect_params(params: Any) -> list[Tensor]:
-    """The tensors of ``params``: a tensor, an iterable of tensors, of ``(name, tensor)`` pairs
-    (``named_parameters()``) or of torch.optim parameter groups (dicts with ``"params"``)."""
-    if isinstance(params, Tensor):
-        return [params]
-    if isinstance(params, (set, frozenset)):
-        raise TypeError("params must be an ordered collection; the order of a set changes between runs: use a list")
-    if not isinstance(params, Iterable) or isinstance(params, (str, bytes)):
-        raise TypeError(
-            f"params must be a tensor or an iterable of tensors or parameter groups, got {type(params).__name__}"
-        )
-    out: list[Tensor] = []
-    for item in params:
-        if isinstance(item, Mapping):
-            if "params" not in item:
-                raise TypeError("a parameter group must be a dict with a 'params' entry")
-            out.extend(_collect_params(item["params"]))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
-            out.append(item[1])
-        elif isinstance(item, Tensor):
-            out.append(item)
-        else:
-            raise TypeError(f"params must hold tensors, got an element of type {type(item).__name__}")
-    return out
 
 
 def _host_count(n: Any) -> int:
@@ -254,16 +228,9 @@ class GradAccumulator:
             raise ValueError(
                 f"unknown rank_reduction {rank_reduction!r}; expected one of {', '.join(map(repr, _RANK_REDUCTIONS))}"
             )
-        tensors = _collect_params(params)
+        tensors = parse_params(params, "GradAccumulator", groups=True).tensors  # twice: scaled twice
         if not tensors:
             raise ValueError("GradAccumulator got an empty parameter list")
-        seen: set[int] = set()
-        for p in tensors:
-            if id(p) in seen:
-                raise ValueError(
-                    f"a parameter (shape {tuple(p.shape)}) is listed twice; its gradient would be scaled twice"
-                )
-            seen.add(id(p))
 
         distributed = dist.is_available() and dist.is_initialized()
         if process_group is None:
@@ -444,9 +411,9 @@ class GradAccumulator:
         ``commit`` is a 0-d float32 tensor on the accumulator's device: 1 when the scaler found the
         gradients finite (the optimizer will step), 0 when it found inf/NaN (the step will be
         skipped), computed on the device from the flags that ``scaler.unscale_`` recorded. When it is
-        0 the gradients are zeroed before the hook runs, so that the hook never sees inf/NaN.
-        The hook runs inside :func:`steadygrad.core.gated` ``(commit)``, so a clipping transform that
-        reads :func:`~steadygrad.core.commit_gate` sees the same gate.
+        0 the gradients are zeroed before the hook runs, so that the hook never sees inf/NaN. The
+        gate reaches the hook explicitly, as its argument (a Clipper passes it to its transforms
+        in their step context).
 
         The contract for an adaptive clipper: fold ``commit`` into every state update so that a 0
         leaves the state unchanged, e.g. ``ema = torch.where(commit > 0, new_ema, ema)`` or
@@ -480,13 +447,12 @@ class GradAccumulator:
         if clip is not None:
             if scaling:
                 self._zero_grads_unless(commit)
-            with gated(commit):
-                if hasattr(clip, "clip_"):
-                    out = clip.clip_(commit=commit)
-                elif callable(clip):
-                    out = clip(commit)
-                else:
-                    raise TypeError(f"clip must be callable or have a clip_() method, got {type(clip).__name__}")
+            if hasattr(clip, "clip_"):
+                out = clip.clip_(commit=commit)
+            elif callable(clip):
+                out = clip(commit)
+            else:
+                raise TypeError(f"clip must be callable or have a clip_() method, got {type(clip).__name__}")
 
         if scaling:
             scaler.step(optimizer)

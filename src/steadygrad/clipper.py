@@ -16,7 +16,6 @@ per parameter, in torch.optim's layout (:mod:`steadygrad.core.state`), with ``st
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -25,11 +24,12 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from .core.gate import combine_gates, count_nonfinite, nonfinite_counts, zero_unless_
 from .core.norms import total_norm
-from .core.state import run_transform, state_keys
+from .core.params import parse_params
+from .core.state import SharedDict, StateLayout
 from .core.tensorlist import as_real
-from .core.transform import Transform, chain, gated
-from .transforms.safety import count_nonfinite, nonfinite_counts, zero_unless_
+from .core.transform import StepContext, Transform, chain
 
 __all__ = ["ClipStats", "Clipper"]
 
@@ -97,7 +97,9 @@ class Clipper:
         transform: Transform | Sequence[Transform],
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
     ) -> None:
-        self.params, self.names = _parse_params(params)
+        parsed = parse_params(params, "Clipper")
+        self.params, self.names = parsed.tensors, parsed.names
+        self._parsed = parsed
         if isinstance(transform, Transform):
             self.transform = transform
         elif isinstance(transform, (list, tuple)) and all(isinstance(t, Transform) for t in transform):
@@ -111,7 +113,8 @@ class Clipper:
         self.nonfinite = nonfinite
         #: Per-parameter state ``state[p] = {key: tensor}`` and shared state ``state["shared"]``.
         self.state: defaultdict[Any, dict[str, Tensor]] = defaultdict(dict)
-        self._keys = state_keys(self.transform.init([]))
+        self._layout = StateLayout(self.transform)
+        self._keys = self._layout.keys
         fraction_keys = [k.key for k in self._keys if k.field == "fraction_clipped" and not k.per_param]
         self._fraction_key = fraction_keys[-1] if fraction_keys else None
 
@@ -168,15 +171,15 @@ class Clipper:
         if self.nonfinite == "skip":
             ok = nonfinite == 0
         if commit is not None:
-            committed = commit.reshape(()).to(device) != 0
-            ok = committed if ok is None else ok & committed
+            ok = combine_gates(commit.reshape(()).to(device) != 0, ok)
 
         if grads:
             if ok is not None:
                 zero_unless_(grads, ok)
-            context = gated(ok.to(torch.float32)) if ok is not None else contextlib.nullcontext()
-            with context:
-                updates = run_transform(self.state, self.transform, params, grads, SHARED)
+            # The norm measured above is the transform's input whenever the step commits (a closed
+            # gate discards whatever it computes), so the global norm is computed once.
+            ctx = StepContext(gate=None if ok is None else ok.to(torch.float32), norm=norm)
+            updates = self._layout.run(self.state, params, grads, SharedDict(self.state[SHARED]), ctx)
             for g, u in zip(grads, updates):
                 target = as_real(g)
                 if u.data_ptr() != target.data_ptr() or u.shape != target.shape:
@@ -200,10 +203,7 @@ class Clipper:
         return value.to(device=device, dtype=torch.float32)
 
     def _name(self, i: int) -> str:
-        shape = tuple(self.params[i].shape)
-        if self.names[i] is None:
-            return f"parameter {i} (shape {shape})"
-        return f"parameter {self.names[i]!r} (index {i}, shape {shape})"
+        return self._parsed.describe(i)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -279,32 +279,3 @@ def _sum(counts: list[Tensor], device: torch.device | None) -> Tensor:
     if not counts:
         return torch.zeros((), dtype=torch.int64, device=device)
     return torch.stack([c.to(counts[0].device) for c in counts]).sum()
-
-
-def _parse_params(params: Any) -> tuple[list[Tensor], list[str | None]]:
-    if isinstance(params, Tensor):
-        return [params], [None]
-    if isinstance(params, (set, frozenset)):
-        raise TypeError(
-            "Clipper parameters need to be an ordered collection, but the order of tensors in a set "
-            "changes between runs; use a list"
-        )
-    if isinstance(params, dict):
-        raise TypeError("Clipper takes an iterable of tensors or of (name, tensor) pairs, not a dict")
-    tensors: list[Tensor] = []
-    names: list[str | None] = []
-    seen: set[int] = set()
-    for item in params:
-        name = None
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            name, item = item
-        if not isinstance(item, Tensor):
-            raise TypeError(f"Clipper parameters must be tensors, got {type(item).__name__}")
-        if id(item) in seen:
-            raise ValueError(
-                f"parameter {name or len(tensors)!r} (shape {tuple(item.shape)}) is listed twice in the Clipper"
-            )
-        seen.add(id(item))
-        tensors.append(item)
-        names.append(name)
-    return tensors, names

@@ -59,16 +59,23 @@ def flatten_stats(prefix: str, value: Any) -> dict[str, Value]:
 
 def optimizer_stats(optimizer: torch.optim.Optimizer) -> dict[str, Value]:
     """The learning rate of each parameter group (``lr`` for one group, ``lr/<i>`` for several)
-    and, for steadygrad optimizers, the clip statistics they keep (``fraction_clipped`` of
-    ``clip=`` and of ``moment_clip=``). Nothing is read on the host."""
+    and, for steadygrad optimizers, the clip statistics they keep: ``optim/clip_fraction`` (the
+    ``fraction_clipped`` of ``clip=``) and ``optim/moment_clip_fraction`` (of ``moment_clip=``;
+    ``optim/moment_clip_fraction/<i>`` per group when there are several). The names never collide
+    with a :class:`~steadygrad.ClipStats` logged as ``clip=stats``. Nothing is read on the host."""
     groups = optimizer.param_groups
     out: dict[str, Value] = {}
     for i, group in enumerate(groups):
         key = "lr" if len(groups) == 1 else f"lr/{i}"
         out.update(flatten_stats(key, group["lr"]))
-    for key, slot in optimizer.state.items():
-        if isinstance(key, str) and isinstance(slot, Mapping) and "fraction_clipped" in slot:
-            out.update(flatten_stats(f"{key}/fraction_clipped", slot["fraction_clipped"]))
+    shared = optimizer.shared_state() if hasattr(optimizer, "shared_state") else {}
+    if "fraction_clipped" in shared.get("clip", {}):
+        out.update(flatten_stats("optim/clip_fraction", shared["clip"]["fraction_clipped"]))
+    for i in range(len(groups)):
+        value = shared.get(f"group{i}", {}).get("moment_clip_fraction")
+        if value is not None:
+            key = "optim/moment_clip_fraction" if len(groups) == 1 else f"optim/moment_clip_fraction/{i}"
+            out.update(flatten_stats(key, value))
     return out
 
 

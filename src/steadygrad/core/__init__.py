@@ -1,27 +1,17 @@
-"""The core: the transform protocol, chains, and helpers on lists of tensors."""
+"""The core: the transform protocol and step context, chains, the gate and non-finite helpers,
+validation, parameter parsing, tensor-list helpers, norms and the state layout."""
 
 from .tensorlist import group_by_device_dtype
-from .transform import (
-    EmptyState,
-    Transform,
-    chain,
-    commit_gate,
-    gated,
-    group_hyperparameter,
-    hyperparameters,
-    identity,
-    state_leaves,
-)
+from .transform import Chain, EmptyState, Hyper, StepContext, Transform, chain, identity, state_leaves
 
 __all__ = [
+    "Chain",
     "EmptyState",
+    "Hyper",
+    "StepContext",
     "Transform",
     "chain",
-    "commit_gate",
-    "gated",
     "group_by_device_dtype",
-    "group_hyperparameter",
-    "hyperparameters",
     "identity",
     "state_leaves",
 ]

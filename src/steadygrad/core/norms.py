@@ -42,6 +42,7 @@ __all__ = [
     "WORLD",
     "check_norm_type",
     "check_threshold",
+    "portable_group",
     "clip_coefficient",
     "local_shard",
     "norm_dtype",
@@ -503,3 +504,21 @@ def _group_device(group: Any) -> torch.device:
         return torch.device(dist.distributed_c10d._get_object_coll_device(group))
     except (AttributeError, RuntimeError, ValueError):  # pragma: no cover - other torch versions
         return torch.device("cpu")
+
+
+def portable_group(process_group: Any) -> Any:
+    """``process_group`` as it can be pickled: ``None`` and ``"world"`` as they are, the default
+    (world) group as ``"world"``.
+
+    Raises:
+        TypeError: another process group (a subgroup exists only in the process that made it;
+            build the transform again in the receiving process).
+    """
+    if process_group is None or isinstance(process_group, str):
+        return process_group
+    if dist.is_available() and dist.is_initialized() and process_group is dist.group.WORLD:
+        return WORLD
+    raise TypeError(
+        "a transform holding a process group other than the world group cannot be pickled: the group exists "
+        "only in this process; build the transform in the receiving process"
+    )

@@ -1,17 +1,27 @@
-"""Running a transform over parameters whose state is stored per parameter, torch.optim style.
+"""State layout: where each field of a transform's state is stored, in torch.optim's layout.
 
 Transforms keep their state as named tuples of lists (see :mod:`steadygrad.core.transform`).
 Objects that live across steps for a changing set of parameters (an optimizer steps only the
 parameters that have a gradient; a clipper likewise) store it instead in a mapping
-``store[param] -> {key: tensor}``, the layout of ``torch.optim.Optimizer.state``. This module
-converts between the two and runs one step.
+``store[param] -> {key: tensor}``, the layout of ``torch.optim.Optimizer.state``. A
+:class:`StateLayout` is the one place that decides the keys, creates missing state, gathers the
+state of a step and stores it back.
 
 Keys
-    A state field is stored under its field name (``step``, ``exp_avg``, ...: torch.optim's keys).
-    A name that occurs twice in a chain is stored as ``"<position>.<name>"`` from its second
-    occurrence on (position = index path in the chain, e.g. ``"1.step"``). Fields that are a
-    single tensor (shared by all parameters) are stored in ``store[shared_key]``; ``None`` fields
-    are not stored.
+    A per-parameter field is stored under its field name (``step``, ``exp_avg``, ...: torch.optim's
+    keys), after ``namespace`` (``"clip."`` for an optimizer's ``clip=``). A name that occurs twice
+    in a chain is stored as ``"<position>.<name>"`` from its second occurrence on (position = index
+    path in the chain, e.g. ``"1.step"``).
+
+Shared fields (one tensor for all parameters: ZClip's statistics, a ``fraction_clipped``)
+    An optimizer's ``state`` holds nothing but parameter-keyed entries, so that
+    ``torch.distributed.checkpoint`` and torch's own tooling work: a shared field is *replicated*
+    in the entry of every parameter it belongs to (the parameters of its group, or of all groups
+    for ``clip=``), under ``shared_namespace + name`` (``"group."`` or ``"clip."``). In memory every
+    entry holds the very same tensor, updated in place; ``state_dict()`` therefore carries it once
+    per parameter (``torch.save`` stores it once), and :meth:`StateLayout.realias` makes the copies
+    that ``load_state_dict`` creates one tensor again. A :class:`steadygrad.Clipper` keeps its shared
+    fields in a dict of their own instead (``SharedDict``).
 
 Complex parameters are handed to the transform as real views (``torch.view_as_real``) of the
 parameter, the update and every state tensor, as torch.optim does; the state stays complex.
@@ -26,9 +36,9 @@ import torch
 from torch import Tensor
 
 from .tensorlist import as_real, from_real
-from .transform import Transform, state_leaves
+from .transform import PLAIN, StepContext, Transform, state_leaves
 
-__all__ = ["StateKey", "assemble_state", "init_state", "run_transform", "shared_slot", "state_keys", "store_shared"]
+__all__ = ["Replicated", "SharedDict", "StateKey", "StateLayout", "state_keys"]
 
 
 class StateKey(NamedTuple):
@@ -40,10 +50,8 @@ class StateKey(NamedTuple):
     per_param: bool  # a list aligned with the parameters (else one shared tensor)
 
 
-def state_keys(template: Any, prefix: str = "") -> list[StateKey]:
-    """The storage keys of a transform state (``transform.init([])`` is a cheap template).
-    Per-parameter keys start with ``prefix`` (a namespace when several transforms share one
-    per-parameter store); shared keys have a slot of their own and keep their names."""
+def state_keys(template: Any, namespace: str = "", shared_namespace: str = "") -> list[StateKey]:
+    """The storage keys of a transform state (``transform.init([])`` is a cheap template)."""
     keys: list[StateKey] = []
     taken: set[str] = set()
     for i, (path, leaf) in enumerate(state_leaves(template)):
@@ -54,115 +62,220 @@ def state_keys(template: Any, prefix: str = "") -> list[StateKey]:
             key = field if field not in taken else ".".join(map(str, path)) + "." + field
             taken.add(key)
             per_param = isinstance(value, (list, tuple))
-            keys.append(StateKey(i, field, prefix + key if per_param else key, per_param))
+            keys.append(StateKey(i, field, (namespace if per_param else shared_namespace) + key, per_param))
     return keys
 
 
-def init_state(
-    store: MutableMapping[Any, dict],
-    transform: Transform,
-    params: Sequence[Tensor],
-    keys: Sequence[StateKey] | None = None,
-    *,
-    step_on_device: bool = False,
-    prefix: str = "",
-) -> None:
-    """Creates the per-parameter state that ``params`` lack (new parameters, or a state field of
-    an option switched on since). ``step_on_device`` keeps ``step`` counters on the parameter's
-    device in float32 (torch's ``capturable``)."""
-    if keys is None:
-        keys = state_keys(transform.init([]), prefix)
-    per_param = [k for k in keys if k.per_param]
-    missing = [p for p in params if any(k.key not in store[p] for k in per_param)]
-    if not missing:
-        return
-    fresh = [leaf for _, leaf in state_leaves(transform.init(missing))]
-    for k in per_param:
-        for p, value in zip(missing, getattr(fresh[k.leaf], k.field)):
-            if k.key not in store[p]:
-                if k.key == "step" and step_on_device:
-                    value = value.to(device=p.device, dtype=torch.float32)
-                store[p][k.key] = value
+# ---- where shared fields live --------------------------------------------------------------------
 
 
-def assemble_state(
-    template: Any,
-    keys: Sequence[StateKey],
-    per_param: Callable[[StateKey], list[Tensor]],
-    shared: MutableMapping[str, Any],
-) -> Any:
-    """A transform state in the structure of ``template``: per-parameter fields from
-    ``per_param(key)``, shared fields from ``shared`` (created there from the template's value the
-    first time)."""
-    leaves = [leaf for _, leaf in state_leaves(template)]
-    fields: list[dict[str, Any]] = [{} for _ in leaves]
-    for k in keys:
-        if k.per_param:
+class SharedDict:
+    """Shared fields in a dict of their own (a Clipper's ``state["shared"]``)."""
+
+    def __init__(self, slot: MutableMapping[str, Tensor]) -> None:
+        self.slot = slot
+
+    def get(self, key: str) -> Tensor | None:
+        return self.slot.get(key)
+
+    def put(self, key: str, value: Tensor, params: Sequence[Tensor]) -> None:
+        self.slot[key] = value
+
+    def attach(self, key: str, value: Tensor, params: Sequence[Tensor]) -> None:
+        self.slot.setdefault(key, value)
+
+
+class Replicated:
+    """Shared fields replicated in the entries of ``members`` (all the parameters they belong to)
+    of an optimizer's ``state``: every entry holds the same tensor."""
+
+    def __init__(self, store: MutableMapping[Any, dict], members: Sequence[Tensor]) -> None:
+        self.store = store
+        self.members = members
+
+    def get(self, key: str) -> Tensor | None:
+        for p in self.members:
+            entry = self.store.get(p)
+            if entry and key in entry:
+                return entry[key]
+        return None
+
+    def attach(self, key: str, value: Tensor, params: Sequence[Tensor]) -> None:
+        """Gives the parameters that lack it the tensor ``value`` under ``key``."""
+        for p in params:
+            self.store[p].setdefault(key, value)
+
+    def put(self, key: str, value: Tensor, params: Sequence[Tensor]) -> None:
+        """Stores the new value: in place into the shared tensor when it keeps its shape (one
+        copy), else the new tensor into every entry."""
+        old = self.get(key)
+        if old is value:
+            return
+        if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
+            old.copy_(value)
+            return
+        for p in self.members:
+            entry = self.store.get(p)
+            if entry and key in entry:
+                entry[key] = value
+        self.attach(key, value, params)
+
+
+# ---- the layout ------------------------------------------------------------------------------------
+
+
+class StateLayout:
+    """The storage of one transform's state (see the module docstring).
+
+    Args:
+        transform: the transform (or chain).
+        namespace: the prefix of its per-parameter keys.
+        shared_namespace: the prefix of its shared keys.
+    """
+
+    def __init__(self, transform: Transform, namespace: str = "", shared_namespace: str = "") -> None:
+        self.transform = transform
+        self.template = transform.init([])
+        self.keys = state_keys(self.template, namespace, shared_namespace)
+        self.per_param = [k for k in self.keys if k.per_param]
+        self.shared = [k for k in self.keys if not k.per_param]
+        self.key_names = frozenset(k.key for k in self.keys)
+        self.leaves = [leaf for _, leaf in state_leaves(self.template)]
+
+    # ---- creating -------------------------------------------------------------------------------
+
+    def ensure(
+        self,
+        store: MutableMapping[Any, dict],
+        params: Sequence[Tensor],
+        shared: SharedDict | Replicated,
+        *,
+        step_on_device: bool = False,
+    ) -> None:
+        """Creates the state that ``params`` lack (new parameters, or a field of an option switched
+        on since), shared fields included. ``step_on_device`` keeps ``step`` counters on the
+        parameter's device in float32 (torch's ``capturable``)."""
+        names = self.key_names
+        missing = [p for p in params if not store[p].keys() >= names]
+        if not missing:
+            return
+        fresh = [leaf for _, leaf in state_leaves(self.transform.init(missing))]
+        for k in self.per_param:
+            for p, value in zip(missing, getattr(fresh[k.leaf], k.field)):
+                entry = store[p]
+                if k.key not in entry:
+                    if k.key == "step" and step_on_device:
+                        value = value.to(device=p.device, dtype=torch.float32)
+                    entry[k.key] = value
+        for k in self.shared:
+            value = shared.get(k.key)
+            shared.attach(k.key, getattr(fresh[k.leaf], k.field) if value is None else value, missing)
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def assemble(self, per_param: Callable[[StateKey], list[Tensor]], shared: SharedDict | Replicated) -> Any:
+        """A state in the structure of the template: per-parameter fields from ``per_param(key)``,
+        shared fields from ``shared``."""
+        fields: list[dict[str, Any]] = [{} for _ in self.leaves]
+        for k in self.per_param:
             fields[k.leaf][k.field] = per_param(k)
+        for k in self.shared:
+            fields[k.leaf][k.field] = shared.get(k.key)
+        return _rebuild(self.template, iter([leaf._replace(**f) for leaf, f in zip(self.leaves, fields)]))
+
+    def gather(
+        self, store: MutableMapping[Any, dict], params: Sequence[Tensor], shared: SharedDict | Replicated
+    ) -> Any:
+        """The state of ``params`` (real views of complex state). Call :meth:`ensure` first."""
+        entries = [store[p] for p in params]
+        return self.assemble(lambda k: [as_real(e[k.key]) for e in entries], shared)
+
+    def scatter(
+        self, store: MutableMapping[Any, dict], params: Sequence[Tensor], state: Any, shared: SharedDict | Replicated
+    ) -> None:
+        """Stores ``state`` (as returned by the transform) back."""
+        leaves = [leaf for _, leaf in state_leaves(state)]
+        for k in self.per_param:
+            for p, v in zip(params, getattr(leaves[k.leaf], k.field)):
+                entry = store[p]
+                old = entry[k.key]
+                # In-place updates of a complex tensor come back as its real view.
+                if v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
+                    entry[k.key] = from_real(v, old)
+        self.store_shared(state, shared, params)
+
+    def store_shared(self, state: Any, shared: SharedDict | Replicated, params: Sequence[Tensor] = ()) -> None:
+        """Writes the shared fields of ``state`` back (``params``: entries that must hold them)."""
+        leaves = [leaf for _, leaf in state_leaves(state)]
+        for k in self.shared:
+            shared.put(k.key, getattr(leaves[k.leaf], k.field), params)
+
+    def run(
+        self,
+        store: MutableMapping[Any, dict],
+        params: Sequence[Tensor],
+        updates: list[Tensor],
+        shared: SharedDict | Replicated,
+        ctx: StepContext = PLAIN,
+        *,
+        apply: bool = False,
+        step_on_device: bool = False,
+    ) -> list[Tensor]:
+        """One step of the transform for ``params`` with the state kept in ``store``.
+
+        Creates missing state, gathers it, runs ``update`` (or ``apply_`` with ``apply``: the
+        updates are added to the parameters), and stores the new state. ``params`` and ``updates``
+        are the original tensors; complex ones are viewed as real here. Returns the updates (real
+        views for complex parameters; ``[]`` with ``apply``).
+        """
+        self.ensure(store, params, shared, step_on_device=step_on_device)
+        state = self.gather(store, params, shared)
+        real_updates = [as_real(u) for u in updates]
+        real_params = [as_real(p) for p in params]
+        if apply:
+            state = self.transform.apply_(real_params, real_updates, state, ctx)
+            real_updates = []
         else:
-            if k.key not in shared:
-                shared[k.key] = getattr(leaves[k.leaf], k.field)
-            fields[k.leaf][k.field] = shared[k.key]
-    return _rebuild(template, iter([leaf._replace(**f) for leaf, f in zip(leaves, fields)]))
+            real_updates, state = self.transform.update(real_updates, state, real_params, ctx)
+        self.scatter(store, params, state, shared)
+        return real_updates
 
+    # ---- checkpoints ------------------------------------------------------------------------------
 
-def shared_slot(store: MutableMapping[Any, dict], shared_key: Any, keys: Sequence[StateKey]) -> dict:
-    """``store[shared_key]`` if the state has shared fields; otherwise a throwaway dict, so that no
-    empty entry appears in an optimizer's ``state_dict``."""
-    return store[shared_key] if any(not k.per_param for k in keys) else {}
-
-
-def store_shared(state: Any, keys: Sequence[StateKey], shared: MutableMapping[str, Any]) -> None:
-    """Writes the shared fields of ``state`` back to ``shared``."""
-    leaves = [leaf for _, leaf in state_leaves(state)]
-    for k in keys:
-        if not k.per_param:
-            shared[k.key] = getattr(leaves[k.leaf], k.field)
-
-
-def _store_per_param(store, state, keys, params) -> None:
-    leaves = [leaf for _, leaf in state_leaves(state)]
-    for k in keys:
-        if not k.per_param:
-            continue
-        for p, v in zip(params, getattr(leaves[k.leaf], k.field)):
-            old = store[p][k.key]
-            # In-place updates of a complex tensor come back as its real view.
-            if v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
-                store[p][k.key] = from_real(v, old)
+    def restore(
+        self,
+        store: MutableMapping[Any, dict],
+        params: Sequence[Tensor],
+        saved: Sequence[dict | None],
+        shared: Replicated,
+    ) -> None:
+        """After torch's ``load_state_dict`` (which casts every state tensor but ``step`` to its
+        parameter's dtype and copies each entry apart): the entries of this layout again in the
+        dtype the transform creates, from the saved values ``saved`` (aligned with ``params``), and
+        each shared field one tensor for all ``params`` again (the first saved one)."""
+        if not params:
+            return
+        leaves = [leaf for _, leaf in state_leaves(self.transform.init([p.detach().to("meta") for p in params]))]
+        for k in self.per_param:
+            for p, values, like in zip(params, saved, getattr(leaves[k.leaf], k.field)):
+                entry = store.get(p)
+                if not values or k.key not in values or not entry or k.key not in entry:
+                    continue
+                if entry[k.key].dtype != like.dtype:
+                    entry[k.key] = values[k.key].to(device=entry[k.key].device, dtype=like.dtype, copy=True)
+        for k in self.shared:
+            source = next((values[k.key] for values in saved if values and k.key in values), None)
+            if source is None:
+                continue
+            dtype = getattr(leaves[k.leaf], k.field).dtype
+            value = source.detach().to(device=params[0].device, dtype=dtype, copy=True)
+            for p in params:
+                entry = store.get(p)
+                if entry and k.key in entry:
+                    entry[k.key] = value
 
 
 def _rebuild(template: Any, leaves: Any) -> Any:
     if hasattr(template, "_fields"):
         return next(leaves)
     return tuple(_rebuild(part, leaves) for part in template)
-
-
-def run_transform(
-    store: MutableMapping[Any, dict],
-    transform: Transform,
-    params: Sequence[Tensor],
-    updates: list[Tensor],
-    shared_key: Any,
-    *,
-    step_on_device: bool = False,
-    prefix: str = "",
-) -> list[Tensor]:
-    """One ``transform.update`` for ``params`` with state kept in ``store``.
-
-    Creates missing state, gathers it, runs the update (which may consume ``updates``, see the
-    in-place rule), stores the new state and returns the updates. ``params`` and ``updates``
-    are the original tensors; complex ones are viewed as real here. The returned updates are real
-    views for complex parameters. ``prefix`` starts every storage key (a namespace).
-    """
-    template = transform.init([])
-    keys = state_keys(template, prefix)
-    init_state(store, transform, params, keys, step_on_device=step_on_device)
-    shared = shared_slot(store, shared_key, keys)
-    state = assemble_state(template, keys, lambda k: [as_real(store[p][k.key]) for p in params], shared)
-    real_updates = [as_real(u) for u in updates]
-    real_params = [as_real(p) for p in params]
-    real_updates, state = transform.update(real_updates, state, real_params)
-    _store_per_param(store, state, keys, params)
-    store_shared(state, keys, shared)
-    return real_updates

@@ -1,13 +1,19 @@
-"""The transform protocol: small, composable gradient transformations on lists of tensors.
+"""The transform protocol: small, composable, picklable gradient transformations on lists of tensors.
 
-A :class:`Transform` is a pair of functions, as in optax:
+A :class:`Transform` is a value, as in optax: a frozen dataclass whose fields are its
+hyperparameters, with two methods,
 
 * ``init(params) -> state`` builds the state for a list of parameters;
-* ``update(updates, state, params) -> (updates, state)`` turns this step's updates (at first the
-  gradients) into new updates and returns the new state.
+* ``update(updates, state, params, ctx) -> (updates, state)`` turns this step's updates (at first
+  the gradients) into new updates and returns the new state. ``ctx`` (a :class:`StepContext`)
+  brings everything the step provides: the hyperparameters of the parameter group being stepped
+  and the commit gate. Nothing reaches a transform through a hidden channel (no thread-locals, no
+  context variables), so a transform pickles, and a compiled step sees all of its inputs.
 
 The final updates are *added* to the parameters (``p ← p + u``), so a descent step ends with a
-negative learning rate (:func:`steadygrad.scale_by_lr` does this).
+negative learning rate (:func:`steadygrad.scale_by_lr` does this). ``apply_`` does the last
+transform and that addition in one go where it can (``scale_by_lr`` adds ``-lr·u`` in one
+operation instead of scaling ``u`` first).
 
 State
     A transform's state is a named tuple. Each field is one of:
@@ -18,48 +24,52 @@ State
 
     The state of :func:`chain` is the plain tuple of its parts' states. Field names follow
     torch.optim's per-parameter state keys where torch has the same quantity, so that the
-    optimizers in :mod:`steadygrad.optim` can store the state in torch's ``state_dict`` layout.
+    optimizers in :mod:`steadygrad.optim` store the state in torch's ``state_dict`` layout
+    (:mod:`steadygrad.core.state`).
 
 In-place rule (one rule for all transforms)
     ``update`` *consumes* ``updates`` and ``state``: it may overwrite their tensors in place and
-    returns the resulting updates and state, which may be the very same tensor objects. The
-    caller must use the returned values and must pass copies of anything it still needs (the
-    optimizers pass a copy of ``.grad``, so gradients are never modified). ``params`` are
-    read-only: no transform writes them. This is torch.optim's memory behaviour: a chain needs
-    no buffer beyond the state and one update-sized workspace.
+    returns the resulting updates and state, which may be the very same tensor objects.
+    ``params`` are read-only: no transform writes them (only ``apply_`` does). A transform whose
+    ``update`` never writes the tensors it is given declares ``writes_updates = False``; the
+    optimizers then hand it the gradients themselves instead of a copy (as torch.optim does).
+    A transform whose updates come out as new tensors of its own declares ``fresh_updates =
+    True``; what follows it in a chain may then write them even when the chain was given the
+    gradients.
 
-Hyperparameters may be Python numbers or 0-d tensors (a tensor changes value without
-recompiling a ``torch.compile``'d step). No transform reads a tensor's value on the host.
+Hyperparameters
+    Python numbers or 0-d tensors (a tensor changes value without recompiling a compiled step),
+    or :class:`Hyper` references (``Hyper("lr")``): the value of that name in ``ctx.hyper``,
+    i.e. in the parameter group being stepped, read at every step. The optimizers build their
+    chains once per structure with such references, so LR schedulers and ``param_groups`` edits
+    take effect at once. No transform reads a tensor's value on the host.
 
 Skipping a step without a host sync
     A caller that finds a bad step (non-finite gradients) decides on the device, not on the host.
-    It runs the transforms inside :func:`gated` with a 0-d ``commit`` tensor (1 = the step counts,
-    0 = it must leave no trace) and with the bad gradients zeroed. Every stateful transform reads
-    :func:`commit_gate` and folds it into its state update (an EMA rate multiplied by the gate, a
-    counter advanced by the gate, a history slot written only when open), so that a closed gate
-    leaves all of its state bit-for-bit unchanged. Outside :func:`gated` the gate is ``None``
-    (always commit).
+    It runs the transforms with ``ctx.gate`` a 0-d tensor (1 = the step counts, 0 = it must leave
+    no trace) and with the bad gradients zeroed. Every stateful transform folds the gate into its
+    state update by *selection* (:mod:`steadygrad.core.gate`), so that a closed gate leaves all of
+    its state bit-for-bit unchanged. ``ctx.gate`` is ``None`` when every step commits.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor
 
 __all__ = [
     "STRUCTURES",
+    "Chain",
     "EmptyState",
+    "Hyper",
+    "StepContext",
     "Transform",
     "chain",
     "coarsest_structure",
-    "commit_gate",
-    "gated",
-    "group_hyperparameter",
-    "hyperparameters",
     "identity",
     "state_leaves",
 ]
@@ -73,67 +83,195 @@ __all__ = [
 STRUCTURES = ("elements", "units", "tensors")
 
 
-class Transform(NamedTuple):
-    """A gradient transformation: ``init(params) -> state`` and
-    ``update(updates, state, params) -> (updates, state)``. See the module docstring for the
-    state layout and the in-place rule.
-
-    ``structure`` (one of :data:`STRUCTURES`) tells what the transform needs to see of the tensors;
-    the fused optimizers (``fused=True``) run transforms that need no more than ``"units"`` on
-    flat buffers. A transform written by hand is ``"tensors"`` unless it says otherwise."""
-
-    init: Callable[[Sequence[Tensor]], Any]
-    update: Callable[[list[Tensor], Any, Sequence[Tensor] | None], tuple[list[Tensor], Any]]
-    structure: str = "tensors"
-
-
 def coarsest_structure(*structures: str) -> str:
     """The structure a composition of transforms needs: the most demanding of its parts."""
     return max(structures, key=STRUCTURES.index) if structures else "elements"
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A reference to the hyperparameter ``name`` of the parameter group being stepped.
+
+    ``sg.scale_by_lr()`` is ``scale_by_lr(lr=Hyper("lr"))``: it reads the group's ``lr`` at every
+    step (from :attr:`StepContext.hyper`), so that LR schedulers work."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step provides to every ``update``: explicit data, no hidden channels.
+
+    Attributes:
+        hyper: the hyperparameters of the parameter group being stepped (a torch.optim param
+            group, or the fused step's 0-d tensors of it); :class:`Hyper` references resolve here.
+        gate: the commit gate, ``None`` (commit) or a 0-d tensor: non-zero commits, 0 leaves every
+            piece of state unchanged.
+        norm: the global L2 norm of the incoming updates when the caller has already computed it
+            (a :class:`steadygrad.Clipper` does, for its statistics), else ``None``. A chain passes
+            it to its first transform only.
+    """
+
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+    gate: Tensor | None = None
+    norm: Tensor | None = None
+
+    def value(self, v: Any) -> Any:
+        """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as
+        0-d, tuples element-wise)."""
+        if isinstance(v, Hyper):
+            try:
+                v = self.hyper[v.name]
+            except KeyError:
+                raise KeyError(
+                    f"the hyperparameter {v.name!r} is read from the parameter group, but the step provides "
+                    f"none (known: {sorted(k for k in self.hyper if k != 'params')}); outside an optimizer, "
+                    "give the value explicitly (e.g. scale_by_lr(lr=1e-3))"
+                ) from None
+        if isinstance(v, Tensor) and v.dim() != 0:
+            return v.reshape(())
+        if isinstance(v, tuple):
+            return tuple(x.reshape(()) if isinstance(x, Tensor) and x.dim() else x for x in v)
+        return v
+
+    def with_gate(self, gate: Tensor | None) -> StepContext:
+        """This context with ``gate`` (already combined with the current one by the caller) and
+        without ``norm`` (a gating caller zeroes the updates)."""
+        return StepContext(self.hyper, gate)
+
+    def without_norm(self) -> StepContext:
+        """This context for transforms that see other updates than the ones ``norm`` measured."""
+        return self if self.norm is None else StepContext(self.hyper, self.gate)
+
+
+#: The context of a step outside any optimizer: no group, always commit.
+PLAIN = StepContext()
 
 
 class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
-def identity() -> Transform:
+class Transform:
+    """A gradient transformation (see the module docstring).
+
+    Subclasses are frozen dataclasses whose fields are their hyperparameters; they implement
+    ``init`` and ``update`` and set the class attributes below.
+
+    Attributes:
+        structure: one of :data:`STRUCTURES`: what the transform needs to see of the tensors. The
+            fused optimizers (``fused=True``) run transforms that need no more than ``"units"`` on
+            flat buffers. A transform written by hand is ``"tensors"`` unless it says otherwise.
+        writes_updates: ``update`` may overwrite the tensors of ``updates`` it is given.
+        fresh_updates: ``update`` returns new tensors of its own (not its input, not its state).
+    """
+
+    structure: ClassVar[str] = "tensors"
+    writes_updates: ClassVar[bool] = True
+    fresh_updates: ClassVar[bool] = False
+
+    def init(self, params: Sequence[Tensor]) -> Any:
+        raise NotImplementedError
+
+    def update(
+        self, updates: list[Tensor], state: Any, params: Sequence[Tensor] | None = None, ctx: StepContext = PLAIN
+    ) -> tuple[list[Tensor], Any]:
+        raise NotImplementedError
+
+    def apply_(self, params: list[Tensor], updates: list[Tensor], state: Any, ctx: StepContext = PLAIN) -> Any:
+        """``update``, then ``params += updates`` in place; returns the new state."""
+        updates, state = self.update(updates, state, params, ctx)
+        torch._foreach_add_(params, updates)
+        return state
+
+
+@dataclass(frozen=True)
+class Identity(Transform):
     """A transform that returns the updates unchanged."""
 
-    def init(params: Sequence[Tensor]) -> EmptyState:
+    structure: ClassVar[str] = "elements"
+    writes_updates: ClassVar[bool] = False
+
+    def init(self, params: Sequence[Tensor]) -> EmptyState:
         return EmptyState()
 
-    def update(updates, state, params=None):
+    def update(self, updates, state, params=None, ctx=PLAIN):
         return updates, state
 
-    return Transform(init, update, "elements")
+
+def identity() -> Transform:
+    """A transform that returns the updates unchanged."""
+    return Identity()
 
 
-def chain(*transforms: Transform) -> Transform:
+@dataclass(frozen=True)
+class Chain(Transform):
+    """Transforms applied one after the other; the state is the tuple of their states."""
+
+    transforms: tuple[Transform, ...]
+
+    def __post_init__(self) -> None:
+        for i, t in enumerate(self.transforms):
+            if not isinstance(t, Transform):
+                raise TypeError(f"chain: argument {i} is {type(t).__name__}, expected a Transform")
+
+    @property
+    def structure(self) -> str:  # type: ignore[override]
+        return coarsest_structure(*(t.structure for t in self.transforms))
+
+    @property
+    def writes_updates(self) -> bool:  # type: ignore[override]
+        for t in self.transforms:
+            if t.writes_updates:
+                return True
+            if t.fresh_updates:
+                return False
+        return False
+
+    @property
+    def fresh_updates(self) -> bool:  # type: ignore[override]
+        return any(t.fresh_updates for t in self.transforms)
+
+    def init(self, params: Sequence[Tensor]) -> tuple:
+        return tuple(t.init(params) for t in self.transforms)
+
+    def _check(self, state: Any) -> None:
+        if len(state) != len(self.transforms):
+            raise ValueError(f"chain of {len(self.transforms)} transforms got a state of {len(state)} parts")
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        self._check(state)
+        new_state = []
+        for t, s in zip(self.transforms, state):
+            updates, s = t.update(updates, s, params, ctx)
+            ctx = ctx.without_norm()
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    def apply_(self, params, updates, state, ctx=PLAIN):
+        self._check(state)
+        if not self.transforms:
+            torch._foreach_add_(params, updates)
+            return ()
+        new_state = []
+        for t, s in zip(self.transforms[:-1], state[:-1]):
+            updates, s = t.update(updates, s, params, ctx)
+            ctx = ctx.without_norm()
+            new_state.append(s)
+        new_state.append(self.transforms[-1].apply_(params, updates, state[-1], ctx))
+        return tuple(new_state)
+
+
+def chain(*transforms: Transform) -> Chain:
     """Applies ``transforms`` one after the other; the state is the tuple of their states.
 
     Example:
         ``sg.chain(sg.scale_by_adam(), sg.add_decayed_weights(1e-2), sg.scale_by_lr())`` is AdamW.
     """
-    for i, t in enumerate(transforms):
-        if not isinstance(t, Transform):
-            raise TypeError(f"chain: argument {i} is {type(t).__name__}, expected a Transform")
-
-    def init(params: Sequence[Tensor]) -> tuple:
-        return tuple(t.init(params) for t in transforms)
-
-    def update(updates, state, params=None):
-        if len(state) != len(transforms):
-            raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)} parts")
-        new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
-            new_state.append(s)
-        return updates, tuple(new_state)
-
-    return Transform(init, update, coarsest_structure(*(t.structure for t in transforms)))
+    return Chain(tuple(transforms))
 
 
-def state_leaves(state: Any, path: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], NamedTuple]]:
+def state_leaves(state: Any, path: tuple[int, ...] = ()) -> Any:
     """Yields ``(path, named_tuple)`` for every transform state inside a (nested) chain state,
     in chain order; ``path`` is the position in the nesting of chains."""
     if hasattr(state, "_fields"):
@@ -143,61 +281,3 @@ def state_leaves(state: Any, path: tuple[int, ...] = ()) -> Iterator[tuple[tuple
             yield from state_leaves(part, path + (i,))
     else:
         raise TypeError(f"not a transform state: {type(state).__name__}")
-
-
-# The hyperparameters of the parameter group being stepped, and the commit gate. The optimizers of
-# steadygrad.optim set the group around each ``update`` call so that transforms such as
-# ``scale_by_lr()`` read the values an LR scheduler or the user wrote into ``param_groups`` at this
-# very step. Both live in a thread-local stack (not a ContextVar: torch.compile traces
-# thread-local reads, so an ``update`` that reads them still compiles with fullgraph=True).
-class _Context(threading.local):
-    def __init__(self) -> None:
-        self.groups: list[Mapping[str, Any]] = []
-        self.gates: list[Tensor] = []
-
-
-_CONTEXT = _Context()
-
-
-@contextlib.contextmanager
-def hyperparameters(group: Mapping[str, Any]) -> Iterator[None]:
-    """Makes ``group`` (a torch.optim param group) the source of :func:`group_hyperparameter`."""
-    _CONTEXT.groups.append(group)
-    try:
-        yield
-    finally:
-        _CONTEXT.groups.pop()
-
-
-def group_hyperparameter(name: str) -> Any:
-    """The value of ``name`` in the parameter group being stepped.
-
-    Raises:
-        RuntimeError: outside a steadygrad optimizer's ``step``.
-        KeyError: the group has no such hyperparameter.
-    """
-    if not _CONTEXT.groups:
-        raise RuntimeError(
-            f"the hyperparameter {name!r} is read from the optimizer's parameter group, but no "
-            "steadygrad optimizer is stepping; give the value explicitly (e.g. scale_by_lr(lr=1e-3))"
-        )
-    group = _CONTEXT.groups[-1]
-    if name not in group:
-        raise KeyError(f"the parameter group has no hyperparameter {name!r}")
-    return group[name]
-
-
-@contextlib.contextmanager
-def gated(commit: Tensor) -> Iterator[None]:
-    """Runs the enclosed ``update`` calls with the commit gate ``commit`` (a 0-d tensor, 1 or 0)."""
-    _CONTEXT.gates.append(commit)
-    try:
-        yield
-    finally:
-        _CONTEXT.gates.pop()
-
-
-def commit_gate() -> Tensor | None:
-    """The commit gate of the step being taken: ``None`` (commit) or a 0-d tensor, 1 to commit and
-    0 to leave every piece of state unchanged. See the module docstring."""
-    return _CONTEXT.gates[-1] if _CONTEXT.gates else None

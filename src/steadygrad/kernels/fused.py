@@ -1,8 +1,10 @@
 """The fused optimizer step: the reference transforms, compiled over flat buffers.
 
-There is no second copy of any algorithm here. :class:`FusedStep` takes the very transforms the
-reference path runs (the optimizer's ``build_transform(group)`` and its ``clip``), hands them the
-unit-class views of :class:`~steadygrad.kernels.flat.FlatGroup` buffers instead of per-parameter
+There is no second copy of any algorithm here. :class:`FusedExecutor` runs the very step program
+the reference executor runs (:class:`steadygrad.optim.program.StepProgram`: the ``clip``
+transform, every group's chain, their state layouts), on the optimizer's ``param_groups`` and
+state store, never on the optimizer itself. It hands the transforms the unit-class views of
+:class:`~steadygrad.kernels.flat.FlatGroup` buffers instead of per-parameter
 tensors, and compiles the whole step — clipping, every parameter group's chain and the parameter
 update — with ``torch.compile(fullgraph=True)``: inductor turns it into one loop over memory
 (two where a global norm must be known first), C++ on CPU and Triton on GPU. A step whose
@@ -41,12 +43,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.state import assemble_state, init_state, shared_slot, state_keys, store_shared
+from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
-from ..core.transform import Transform, coarsest_structure, hyperparameters, state_leaves
+from ..core.transform import PLAIN, StepContext, state_leaves
 from .flat import FlatGroup, ineligibility
 
-__all__ = ["FusedStep", "compile_enabled"]
+__all__ = ["FusedExecutor", "compile_enabled"]
 
 _NUMBER = (int, float)
 
@@ -109,24 +111,31 @@ class _Group:
 
 @dataclass
 class _Plan:
-    """A compiled step for one structure of the hyperparameters, with the state layout it uses."""
+    """A compiled step for one program (one structure of the hyperparameters)."""
 
     kernel: Callable
-    templates: list[tuple[Any, list]]  # per group: state template and storage keys
-    clip_keys: list | None
-    structure: str
+    program: Any
 
 
-class FusedStep:
-    """Owns the flat buffers and compiled steps of one optimizer (see the module docstring)."""
+class FusedExecutor:
+    """Runs step programs over flat buffers (see the module docstring). It owns the flat buffers
+    and the compiled steps of one optimizer; nothing of it is pickled (an unpickled or deep-copied
+    optimizer builds them again at its first fused step)."""
 
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
+    def __init__(self) -> None:
         self.groups: list[_Group] | None = None
         self._outside: list[Tensor] = []  # parameters not in a flat buffer (no gradient when built)
         self.disabled: str | None = None  # why this optimizer stays on the reference path
         self._plans: dict[Any, _Plan] = {}
         self._warned: set[str] = set()
+        self._program_key: Any = None
+        self._layout: Any = None
+
+    def __deepcopy__(self, memo: dict) -> FusedExecutor:
+        return FusedExecutor()
+
+    def __reduce__(self) -> Any:
+        return (FusedExecutor, ())
 
     # ---- building ------------------------------------------------------------------------------
 
@@ -152,10 +161,9 @@ class FusedStep:
                 hyper[key] = value
         return hyper, tensors
 
-    def _build(self) -> str | None:
-        opt = self.optimizer
+    def _build(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> str | None:
         groups = []
-        for index, group in enumerate(opt.param_groups):
+        for index, group in enumerate(param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -168,33 +176,35 @@ class FusedStep:
                 return "a parameter group on several devices"
             hyper, tensors = self._hyper(group, params[0].device)
             self._refresh(group, tensors)
-            keys = self._keys(group, params)
+            keys = self._keys(program, index, param_groups, params, store)
             flats = []
             by_dtype: dict[torch.dtype, list[Tensor]] = {}
             for p in params:
                 by_dtype.setdefault(p.dtype, []).append(p)
             for dtype_params in by_dtype.values():
-                flat = FlatGroup.build(dtype_params, opt.state, keys)
+                flat = FlatGroup.build(dtype_params, store, keys)
                 if isinstance(flat, str):
                     return flat
                 flats.append(flat)
             groups.append(_Group(index, flats, hyper, tensors))
         self.groups = groups
+        self._program_key, self._layout = program.key, _layout(program)
         flat = {id(p) for g in groups for f in g.flats for p in f.params}
-        self._outside = [p for group in opt.param_groups for p in group["params"] if id(p) not in flat]
+        self._outside = [p for group in param_groups for p in group["params"] if id(p) not in flat]
         return None
 
-    def _keys(self, group: dict[str, Any], params: list[Tensor]) -> list[str]:
+    @staticmethod
+    def _keys(program: Any, index: int, param_groups: list, params: list[Tensor], store: Any) -> list[str]:
         """Creates the missing state of ``params`` and returns its per-parameter keys."""
-        opt = self.optimizer
-        keys = []
-        parts = [(opt.build_transform(group), "")]
-        if opt.clip is not None:
-            parts.append((opt.clip, "clip."))
-        for transform, prefix in parts:
-            k = state_keys(transform.init([]), prefix)
-            init_state(opt.state, transform, params, k, step_on_device=group.get("capturable", False), prefix=prefix)
-            keys += [key.key for key in k if key.per_param]
+        g = program.groups[index]
+        g.layout.ensure(
+            store, params, Replicated(store, param_groups[index]["params"]), step_on_device=g.step_on_device
+        )
+        keys = [k.key for k in g.layout.per_param]
+        if program.clip_layout is not None:
+            members = [p for group in param_groups for p in group["params"]]
+            program.clip_layout.ensure(store, params, Replicated(store, members))
+            keys += [k.key for k in program.clip_layout.per_param]
         return keys
 
     @staticmethod
@@ -219,13 +229,17 @@ class FusedStep:
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def step(self) -> bool:
-        """One fused step; ``False`` if this step must take the reference path."""
+    def step(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> bool:
+        """One fused step of ``program`` on ``param_groups`` with the state in ``store``;
+        ``False`` if this step must take the reference path."""
         if self.disabled:
             return False
-        opt = self.optimizer
+        if self.groups is not None and program.key != self._program_key and _layout(program) != self._layout:
+            # A structural edit that adds per-parameter state (amsgrad, centered, ...): the
+            # buffers are laid out again from the current per-parameter tensors.
+            self.invalidate()
         if self.groups is None:
-            reason = self._build()
+            reason = self._build(program, param_groups, store)
             if reason:
                 return self._give_up(reason)
         assert self.groups is not None
@@ -235,19 +249,22 @@ class FusedStep:
         # the fused path stays off.
         if any(p.grad is not None for p in self._outside):
             return self._give_up("a parameter without a gradient at the first fused step now has one")
-        plan = self._plan()
-        if plan.structure == "tensors":
+        if program.structure == "tensors":
             return self._give_up("a transform needs whole tensors (structure='tensors')")
+        plan = self._plan(program, param_groups)
 
         for g in self.groups:
-            self._refresh(opt.param_groups[g.index], g.tensors)
+            self._refresh(param_groups[g.index], g.tensors)
             for flat in g.flats:
                 flat.adopt_gradients()
-        new_states, clip_state = plan.kernel(*self._arguments(plan))
-        for g, (_, keys), state in zip(self.groups, plan.templates, new_states):
-            store_shared(state, keys, shared_slot(opt.state, f"group{g.index}", keys))
-        if plan.clip_keys is not None:
-            store_shared(clip_state, plan.clip_keys, shared_slot(opt.state, "clip", plan.clip_keys))
+        new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store))
+        for g, state in zip(self.groups, new_states):
+            layout = program.groups[g.index].layout
+            shared = Replicated(store, param_groups[g.index]["params"])
+            layout.store_shared(state, shared)
+        if program.clip_layout is not None:
+            members = [p for group in param_groups for p in group["params"]]
+            program.clip_layout.store_shared(clip_state, Replicated(store, members))
         for g in self.groups:
             for flat in g.flats:
                 flat.publish_counters()
@@ -261,87 +278,71 @@ class FusedStep:
     def _warn(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=5)
 
-    def _structure_key(self) -> Any:
-        def kind(v: Any) -> Any:
-            if isinstance(v, Tensor):
-                return "tensor"
-            if _is_number(v):
-                return "zero" if v == 0 else "number"
-            if isinstance(v, tuple):
-                return tuple(kind(x) for x in v)
-            return v if isinstance(v, (bool, str, type(None))) else type(v).__name__
-
-        opt = self.optimizer
-        groups = tuple(
-            (g.index, tuple(sorted((k, kind(v)) for k, v in opt.param_groups[g.index].items() if k != "params")))
-            for g in self.groups
-        )
-        return groups, id(opt.clip)
-
-    def _plan(self) -> _Plan:
-        key = self._structure_key()
-        plan = self._plans.get(key)
+    def _plan(self, program: Any, param_groups: list[dict[str, Any]]) -> _Plan:
+        plan = self._plans.get(program.key)
         if plan is None:
-            opt = self.optimizer
-            hypers = [_specialized(g.hyper, opt.param_groups[g.index]) for g in self.groups]
-            transforms = [opt.build_transform(h) for h in hypers]
-            templates = []
-            for t in transforms:
-                template = t.init([])
-                templates.append((template, state_keys(template)))
-            clip_keys = state_keys(opt.clip.init([]), "clip.") if opt.clip is not None else None
-            structure = coarsest_structure(
-                *(t.structure for t in transforms), *([opt.clip.structure] if opt.clip is not None else [])
-            )
-            fn = self._step_function(transforms, hypers)
+            hypers = [_specialized(g.hyper, param_groups[g.index]) for g in self.groups]
+            fn = _step_function(program, [g.index for g in self.groups], hypers)
             kernel = _compile(fn) if compile_enabled() else fn
-            plan = _Plan(_with_fallback(kernel, fn, self._warn), templates, clip_keys, structure)
-            self._plans[key] = plan
+            plan = _Plan(_with_fallback(kernel, fn, self._warn), program)
+            self._plans[program.key] = plan
         return plan
 
-    def _step_function(self, transforms: list[Transform], hypers: list[dict[str, Any]]) -> Callable:
-        opt = self.optimizer
-        clip = opt.clip
-        maximize = [bool(opt.param_groups[g.index].get("maximize", False)) for g in self.groups]
-
-        def step(params, grads, states, clip_state):
-            updates = [working_copy(gr, mx) for gr, mx in zip(grads, maximize)]
-            if clip is not None:
-                flat_params = [p for ps in params for p in ps]
-                flat_updates = [u for us in updates for u in us]
-                flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params)
-                updates = split_like(flat_updates, updates)
-            new_states = []
-            for transform, hyper, ps, us, state in zip(transforms, hypers, params, updates, states):
-                with hyperparameters(hyper):
-                    us, new = transform.update(us, state, ps)
-                _copy_back(state, new)
-                torch._foreach_add_(ps, us)
-                new_states.append(new)
-            return new_states, clip_state
-
-        return step
-
-    def _arguments(self, plan: _Plan) -> tuple:
-        opt = self.optimizer
+    def _arguments(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> tuple:
+        structure = program.structure
         params, grads, states = [], [], []
-        for g, (template, keys) in zip(self.groups, plan.templates):
-            params.append([v for f in g.flats for v in f.class_views(f.param_buf, plan.structure)])
-            grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, plan.structure)])
-            states.append(_gather_flat(template, keys, g.flats, opt.state, f"group{g.index}", plan.structure))
+        for g in self.groups:
+            layout = program.groups[g.index].layout
+            params.append([v for f in g.flats for v in f.class_views(f.param_buf, structure)])
+            grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, structure)])
+            shared = Replicated(store, param_groups[g.index]["params"])
+            states.append(_gather_flat(layout, g.flats, shared, structure))
         clip_state = None
-        if plan.clip_keys is not None:
+        if program.clip_layout is not None:
             flats = [f for g in self.groups for f in g.flats]
-            clip_state = _gather_flat(opt.clip.init([]), plan.clip_keys, flats, opt.state, "clip", plan.structure)
+            members = [p for group in param_groups for p in group["params"]]
+            clip_state = _gather_flat(program.clip_layout, flats, Replicated(store, members), structure)
         return params, grads, states, clip_state
+
+
+def _layout(program: Any) -> tuple:
+    """The per-parameter state keys of a program: what the flat buffers hold."""
+    keys = [tuple(k.key for k in g.layout.per_param) for g in program.groups]
+    if program.clip_layout is not None:
+        keys.append(tuple(k.key for k in program.clip_layout.per_param))
+    return tuple(keys)
+
+
+def _step_function(program: Any, indices: list[int], hypers: list[dict[str, Any]]) -> Callable:
+    """The step over flat buffers: ``clip`` once over all groups, then each group's chain, its
+    updates added to the parameters (``apply_``), exactly as the reference executor does."""
+    clip = program.clip
+    parts = [program.groups[i] for i in indices]
+
+    def step(params, grads, states, clip_state):
+        updates = [working_copy(gr, part.maximize) for gr, part in zip(grads, parts)]
+        if clip is not None:
+            flat_params = [p for ps in params for p in ps]
+            flat_updates = [u for us in updates for u in us]
+            flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, PLAIN)
+            updates = split_like(flat_updates, updates)
+        new_states = []
+        for part, hyper, ps, us, state in zip(parts, hypers, params, updates, states):
+            new = part.transform.apply_(ps, us, state, StepContext(hyper))
+            _copy_back(state, new)
+            new_states.append(new)
+        return new_states, clip_state
+
+    return step
 
 
 def _specialized(hyper: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
     """``hyper`` with the numbers that are zero in ``group`` as the Python number 0.0.
 
-    A zero selects a separately compiled step anyway (see ``_structure_key``), and as a plain zero
+    A zero selects a separately compiled step anyway (see
+    :func:`steadygrad.optim.program.structure_key`), and as a plain zero
     it lets a transform skip its term (``weight_decay=0`` does not read the parameters), as on the
     reference path, instead of multiplying by a zero tensor.
     """
@@ -371,16 +372,15 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
     return run
 
 
-def _gather_flat(template: Any, keys: list, flats: list[FlatGroup], store: Any, shared_key: str, structure: str) -> Any:
-    """The transform state over the views of ``flats`` for ``structure``, in the template's
-    structure."""
+def _gather_flat(layout: Any, flats: list[FlatGroup], shared: Replicated, structure: str) -> Any:
+    """The transform state over the views of ``flats`` for ``structure``."""
 
     def per_param(k: Any) -> list[Tensor]:
         if k.key in flats[0].full:
             return [v for f in flats for v in f.class_views(f.full[k.key], structure)]
         return [v for f in flats for v in f.counter_views(k.key, structure)]
 
-    return assemble_state(template, keys, per_param, shared_slot(store, shared_key, keys))
+    return layout.assemble(per_param, shared)
 
 
 def _copy_back(old: Any, new: Any) -> None:

@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core.state import init_state
-from ..core.transform import Transform, chain
-from ..transforms.adaptive import scale_by_rss
-from ..transforms.basic import add_decayed_weights, scale_by_lr
-from .base import ParamsT, TransformOptimizer, check_hyperparameter
+from ..core.state import Replicated
+from ..core.transform import Hyper, Transform, chain
+from ..core.validate import Flag, Range
+from ..transforms.adaptive import ScaleByRss
+from ..transforms.basic import AddDecayedWeights, ScaleByLr
+from .base import ParamsT, TransformOptimizer, hyper_or_zero
 
 __all__ = ["Adagrad"]
 
@@ -47,6 +48,18 @@ class Adagrad(TransformOptimizer):
     torch does for Adagrad.
     """
 
+    HYPERPARAMETERS = {
+        "lr": Range(),
+        "lr_decay": Range(),
+        "weight_decay": Range(),
+        "initial_accumulator_value": Range(),
+        "eps": Range(low_open=True),
+        "maximize": Flag(),
+        "eps_in_sqrt": Flag(),
+    }
+    EXTRAS = {"eps_in_sqrt": False}
+    INIT_OPTIONS = ("initial_accumulator_value",)
+
     def __init__(
         self,
         params: ParamsT,
@@ -63,11 +76,6 @@ class Adagrad(TransformOptimizer):
         eps_in_sqrt: bool = False,
         clip: Transform | None = None,
     ) -> None:
-        check_hyperparameter("lr", lr)
-        check_hyperparameter("lr_decay", lr_decay)
-        check_hyperparameter("weight_decay", weight_decay)
-        check_hyperparameter("initial_accumulator_value", initial_accumulator_value)
-        check_hyperparameter("eps", eps, low_open=True)
         defaults = dict(
             lr=lr,
             lr_decay=lr_decay,
@@ -81,12 +89,16 @@ class Adagrad(TransformOptimizer):
             eps_in_sqrt=eps_in_sqrt,
         )
         super().__init__(params, defaults, clip=clip)
-        for group in self.param_groups:
-            init_state(self.state, self.build_transform(group), group["params"])
+        # torch creates Adagrad's state for every parameter at construction.
+        for g, group in zip(self.program().groups, self.param_groups):
+            g.layout.ensure(self.state, group["params"], Replicated(self.state, group["params"]))
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
-        return chain(
-            add_decayed_weights(group["weight_decay"]),
-            scale_by_rss(group["initial_accumulator_value"], group["eps"], group["lr_decay"], group["eps_in_sqrt"]),
-            scale_by_lr(),
+        decay = hyper_or_zero(group, "weight_decay")
+        rss = ScaleByRss(
+            group["initial_accumulator_value"],
+            Hyper("eps"),
+            hyper_or_zero(group, "lr_decay"),
+            self.option(group, "eps_in_sqrt"),
         )
+        return chain(*([AddDecayedWeights(decay)] if decay else []), rss, ScaleByLr())

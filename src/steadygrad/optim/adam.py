@@ -7,10 +7,11 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core.transform import Transform, chain
-from ..transforms.adaptive import scale_by_adam
-from ..transforms.basic import add_decayed_weights, scale_by_lr
-from .base import ParamsT, TransformOptimizer, check_betas, check_hyperparameter
+from ..core.transform import Hyper, Transform, chain
+from ..core.validate import Betas, Flag, Optional, Range, check_betas
+from ..transforms.adaptive import ScaleByAdam
+from ..transforms.basic import AddDecayedWeights, ScaleByLr
+from .base import ParamsT, TransformOptimizer, hyper_or_zero
 
 __all__ = ["Adam", "AdamW"]
 
@@ -48,8 +49,22 @@ class Adam(TransformOptimizer):
         moment_clip: ``k > 0`` clips each gradient element to ``±k·sqrt(v̂)`` with Adam's own
             ``exp_avg_sq`` as the second moment, fed by the unclipped gradient (OpenAI Five's
             setting; see :func:`steadygrad.scale_by_adam`). No extra memory. The fraction clipped at
-            the last step is in ``state["group<i>"]["fraction_clipped"]``.
+            the last step is in ``opt.shared_state()["group<i>"]["moment_clip_fraction"]``.
     """
+
+    HYPERPARAMETERS = {
+        "lr": Range(),
+        "betas": Betas(),
+        "eps": Range(low_open=True),
+        "weight_decay": Range(),
+        "amsgrad": Flag(),
+        "maximize": Flag(),
+        "capturable": Flag(),
+        "decoupled_weight_decay": Flag(),
+        "eps_in_sqrt": Flag(),
+        "moment_clip": Optional(Range(low_open=True)),
+    }
+    EXTRAS = {"eps_in_sqrt": False, "moment_clip": None}
 
     def __init__(
         self,
@@ -70,12 +85,7 @@ class Adam(TransformOptimizer):
         clip: Transform | None = None,
         moment_clip: float | None = None,
     ) -> None:
-        check_hyperparameter("lr", lr)
-        check_hyperparameter("eps", eps, low_open=True)
-        check_hyperparameter("weight_decay", weight_decay)
         betas = check_betas(betas)
-        if moment_clip is not None:
-            check_hyperparameter("moment_clip", moment_clip, low_open=True)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -94,11 +104,18 @@ class Adam(TransformOptimizer):
         super().__init__(params, defaults, clip=clip)
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
-        adam = scale_by_adam(group["betas"], group["eps"], group["amsgrad"], group["eps_in_sqrt"], group["moment_clip"])
-        decay = add_decayed_weights(group["weight_decay"])
+        adam = ScaleByAdam(
+            Hyper("betas"),
+            Hyper("eps"),
+            group["amsgrad"],
+            self.option(group, "eps_in_sqrt"),
+            None if self.option(group, "moment_clip") is None else Hyper("moment_clip"),
+        )
+        wd = hyper_or_zero(group, "weight_decay")
+        decay = [AddDecayedWeights(wd)] if wd else []
         if group["decoupled_weight_decay"]:
-            return chain(adam, decay, scale_by_lr())
-        return chain(decay, adam, scale_by_lr())
+            return chain(adam, *decay, ScaleByLr())
+        return chain(*decay, adam, ScaleByLr())
 
 
 class AdamW(Adam):

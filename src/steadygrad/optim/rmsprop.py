@@ -7,10 +7,11 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core.transform import Transform, chain, identity
-from ..transforms.adaptive import scale_by_rms
-from ..transforms.basic import add_decayed_weights, scale_by_lr, trace
-from .base import ParamsT, TransformOptimizer, check_hyperparameter
+from ..core.transform import Hyper, Transform, chain
+from ..core.validate import Flag, Optional, Range
+from ..transforms.adaptive import ScaleByRms
+from ..transforms.basic import AddDecayedWeights, ScaleByLr, Trace
+from .base import ParamsT, TransformOptimizer, hyper_or_zero
 
 __all__ = ["RMSprop"]
 
@@ -45,10 +46,24 @@ class RMSprop(TransformOptimizer):
         moment_clip: ``k > 0`` clips each gradient element to ``±k·sqrt(v̂)`` with RMSprop's own
             ``square_avg`` as the second moment (OpenAI Five's rule; bias-corrected, fed by the
             unclipped gradient; see :func:`steadygrad.scale_by_rms`). No extra memory. The fraction
-            clipped at the last step is in ``state["group<i>"]["fraction_clipped"]``.
+            clipped at the last step is in ``opt.shared_state()["group<i>"]["moment_clip_fraction"]``.
         fused: ``True`` compiles the step over flat buffers (:mod:`steadygrad.kernels.fused`);
             torch's RMSprop has no fused path.
     """
+
+    HYPERPARAMETERS = {
+        "lr": Range(),
+        "alpha": Range(0.0, 1.0),
+        "eps": Range(low_open=True),
+        "weight_decay": Range(),
+        "momentum": Range(0.0, 1.0),
+        "centered": Flag(),
+        "capturable": Flag(),
+        "maximize": Flag(),
+        "eps_in_sqrt": Flag(),
+        "moment_clip": Optional(Range(low_open=True)),
+    }
+    EXTRAS = {"eps_in_sqrt": False, "moment_clip": None, "fused": None}
 
     def __init__(
         self,
@@ -69,13 +84,6 @@ class RMSprop(TransformOptimizer):
         moment_clip: float | None = None,
         fused: bool | None = None,
     ) -> None:
-        check_hyperparameter("lr", lr)
-        check_hyperparameter("alpha", alpha, 0.0, 1.0)
-        check_hyperparameter("eps", eps, low_open=True)
-        check_hyperparameter("weight_decay", weight_decay)
-        check_hyperparameter("momentum", momentum, 0.0, 1.0)
-        if moment_clip is not None:
-            check_hyperparameter("moment_clip", moment_clip, low_open=True)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -94,9 +102,18 @@ class RMSprop(TransformOptimizer):
         super().__init__(params, defaults, clip=clip)
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
+        decay = hyper_or_zero(group, "weight_decay")
+        momentum = hyper_or_zero(group, "momentum")
+        rms = ScaleByRms(
+            Hyper("alpha"),
+            Hyper("eps"),
+            group["centered"],
+            self.option(group, "eps_in_sqrt"),
+            None if self.option(group, "moment_clip") is None else Hyper("moment_clip"),
+        )
         return chain(
-            add_decayed_weights(group["weight_decay"]),
-            scale_by_rms(group["alpha"], group["eps"], group["centered"], group["eps_in_sqrt"], group["moment_clip"]),
-            trace(group["momentum"]) if group["momentum"] > 0 else identity(),
-            scale_by_lr(),
+            *([AddDecayedWeights(decay)] if decay else []),
+            rms,
+            *([Trace(momentum)] if momentum else []),
+            ScaleByLr(),
         )

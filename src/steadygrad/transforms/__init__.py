@@ -1,10 +1,13 @@
-"""Gradient transforms, one module per kind: adaptive scaling (Adagrad, RMSProp, Adam), the basic
-pieces (momentum, weight decay, step size), clipping, adaptive clipping (ZClip, AutoClip) and
-safety (skipping non-finite steps)."""
+"""Gradient transforms: adaptive scaling (Adagrad, RMSProp, Adam), the basic pieces (momentum,
+weight decay, step size), clipping (one module per rule, in :mod:`.clipping`) and safety
+(skipping non-finite steps)."""
 
 from .adaptive import (
+    ScaleByAdam,
     ScaleByAdamState,
+    ScaleByRms,
     ScaleByRmsState,
+    ScaleByRss,
     ScaleByRssState,
     adam_update,
     rms_update,
@@ -13,33 +16,70 @@ from .adaptive import (
     scale_by_rms,
     scale_by_rss,
 )
-from .adaptive_clipping import AutoClipState, ZClipState, autoclip, autoclip_update, zclip, zclip_update
-from .basic import TraceState, add_decayed_weights, scale, scale_by_lr, trace
+from .basic import (
+    AddDecayedWeights,
+    Scale,
+    ScaleByLr,
+    Trace,
+    TraceState,
+    add_decayed_weights,
+    scale,
+    scale_by_lr,
+    trace,
+)
 from .clipping import (
+    AutoClip,
+    AutoClipState,
+    ClipByMoment,
     ClipByMomentState,
+    ClipByNorm,
+    ClipByUnitRatio,
+    ClipByValue,
     ClipState,
+    ClipUpdateRms,
+    ZClip,
+    ZClipState,
+    autoclip,
+    autoclip_update,
     clip_by_moment,
     clip_by_norm,
     clip_by_unit_ratio,
     clip_by_value,
     clip_update_rms,
-    moment_clip_update,
+    moment_clip_,
     norm_clip_update,
     rms_clip_update,
     unit_ratio_clip_update,
     value_clip_update,
+    zclip,
+    zclip_update,
 )
-from .safety import SkipNonfiniteState, skip_nonfinite
+from .safety import SkipNonfinite, SkipNonfiniteState, skip_nonfinite
 
 __all__ = [
+    "AddDecayedWeights",
+    "AutoClip",
     "AutoClipState",
+    "ClipByMoment",
     "ClipByMomentState",
+    "ClipByNorm",
+    "ClipByUnitRatio",
+    "ClipByValue",
     "ClipState",
+    "ClipUpdateRms",
+    "Scale",
+    "ScaleByAdam",
     "ScaleByAdamState",
+    "ScaleByLr",
+    "ScaleByRms",
     "ScaleByRmsState",
+    "ScaleByRss",
     "ScaleByRssState",
+    "SkipNonfinite",
     "SkipNonfiniteState",
+    "Trace",
     "TraceState",
+    "ZClip",
     "ZClipState",
     "adam_update",
     "add_decayed_weights",
@@ -50,7 +90,7 @@ __all__ = [
     "clip_by_unit_ratio",
     "clip_by_value",
     "clip_update_rms",
-    "moment_clip_update",
+    "moment_clip_",
     "norm_clip_update",
     "rms_clip_update",
     "rms_update",

@@ -2,45 +2,50 @@
 
 Each algorithm is one function on lists of tensors with explicit state (``*_update``), written
 with foreach operations so that it runs unchanged on many tensors or on one flat buffer, and one
-:class:`~steadygrad.core.transform.Transform` factory around it. The functions follow the in-place
-rule of :mod:`steadygrad.core.transform`: they update the state and overwrite ``updates``.
+transform class around it with a factory function (``scale_by_*``). The functions update the
+state in place and return the updates as *new* tensors: they read the incoming updates and write
+them only with ``moment_clip`` (the clipped gradient), so an optimizer hands them its gradients
+without a copy, as torch.optim does (``writes_updates``).
 
 The commit gate
-    Each ``*_update`` takes ``gate`` (see :mod:`steadygrad.core.transform`): ``None`` commits;
-    a 0-d tensor that is 0 leaves the state bit-for-bit unchanged (the EMA rates and the step
-    increment are multiplied by the gate). The updates are still computed; a caller that skips a
-    step discards them. The factories read :func:`~steadygrad.core.transform.commit_gate`.
+    Each ``*_update`` takes ``gate`` (see :mod:`steadygrad.core.gate`): ``None`` commits; a 0-d
+    tensor that is 0 leaves the state bit-for-bit unchanged. The updates are still computed; a
+    caller that skips a step discards them.
 
 Where eps goes
     torch.optim divides by ``sqrt(v) + eps``. TensorFlow, optax's ``adagrad``/``rmsprop`` and the
     d2l book divide by ``sqrt(v + eps)``. ``eps_in_sqrt=True`` selects the latter. The two differ
     visibly when ``v`` is small, i.e. early in training and for rarely active features.
+
+Bias corrections and other per-tensor factors
+    With step counters on the CPU (torch.optim's layout) they are Python floats, computed as
+    torch.optim computes them; otherwise (counters on the device, or compiled) 0-d tensors that
+    are never read on the host (:func:`~steadygrad.core.tensorlist.bias_correction`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..core.tensorlist import (
-    Scalar,
-    addcmul_,
-    advance_,
-    bias_correction,
-    gate_ema_per_tensor,
-    gate_open_per_tensor,
-    new_steps,
-    zeros_like,
-)
-from ..core.transform import Transform, commit_gate
-from .clipping import clamp_to_threshold_, commit_select, moment_threshold, new_fraction
+from ..core.gate import advance_, commit_select, ema_, ema_square_, gate_open_per_tensor
+from ..core.tensorlist import Scalar, addcmul_, bias_correction, host_steps, new_steps, zeros_like
+from ..core.transform import PLAIN, Transform
+from ..core.validate import check_betas, check_bool, check_range
+from .clipping.common import new_fraction
+from .clipping.moment import moment_clip_
 
 __all__ = [
+    "ScaleByAdam",
     "ScaleByAdamState",
+    "ScaleByRms",
     "ScaleByRmsState",
+    "ScaleByRss",
     "ScaleByRssState",
     "adam_update",
     "rms_update",
@@ -62,6 +67,17 @@ def _denominator(v: list[Tensor], eps: Scalar, eps_in_sqrt: bool) -> list[Tensor
     return den
 
 
+def _moment_clip_or_ema(
+    grads: list[Tensor], v: list[Tensor], steps: list[Tensor], beta: Scalar, gate: Tensor | None, k: Scalar | None
+) -> Tensor | None:
+    """The second moment's EMA from the raw gradient; with ``k``, OpenAI Five's clipping of the
+    gradient (in place) with this very moment, from the steps before this one."""
+    if k is None:
+        ema_square_(v, grads, beta, gate)
+        return None
+    return moment_clip_(grads, v, steps, k=k, beta=beta, gate=gate)
+
+
 # --------------------------------------------------------------------------------------------
 # Adagrad
 # --------------------------------------------------------------------------------------------
@@ -75,35 +91,73 @@ class ScaleByRssState(NamedTuple):
 
 
 def rss_update(
-    updates: list[Tensor],
+    grads: list[Tensor],
     sums: list[Tensor],
     steps: list[Tensor],
     *,
     eps: Scalar,
-    lr_decay: float,
+    lr_decay: Scalar,
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
 ) -> list[Tensor]:
-    """Adagrad's scaling, in place on ``updates``, ``sums`` and ``steps``.
+    """Adagrad's scaling: updates ``sums`` and ``steps`` in place, returns new updates.
 
     .. math::
         t \\leftarrow t + 1,\\quad s \\leftarrow s + g^2,\\quad
         u = \\frac{g}{(1 + (t-1)\\,\\text{lr\\_decay})\\,(\\sqrt{s} + \\epsilon)}
     """
     advance_(steps, gate)
-    addcmul_(sums, updates, updates, gate_open_per_tensor(gate, sums))
-    torch._foreach_div_(updates, _denominator(sums, eps, eps_in_sqrt))
+    addcmul_(sums, grads, grads, gate_open_per_tensor(gate, sums))
+    den = _denominator(sums, eps, eps_in_sqrt)
     if isinstance(lr_decay, Tensor) or lr_decay != 0:
-        torch._foreach_div_(updates, [(s.to(torch.float64) - 1) * lr_decay + 1 for s in steps])
-    return updates
+        counts = None if isinstance(lr_decay, Tensor) else host_steps(steps)
+        if counts is not None:
+            torch._foreach_mul_(den, [(t - 1) * lr_decay + 1 for t in counts])
+        else:
+            torch._foreach_mul_(den, [(s.to(torch.float64) - 1) * lr_decay + 1 for s in steps])
+    return torch._foreach_div(grads, den)
+
+
+@dataclass(frozen=True)
+class ScaleByRss(Transform):
+    """Adagrad's scaling; see :func:`scale_by_rss`."""
+
+    initial_accumulator_value: Any = 0.0
+    eps: Any = 1e-10
+    lr_decay: Any = 0.0
+    eps_in_sqrt: bool = False
+    structure: ClassVar[str] = "elements"
+    writes_updates: ClassVar[bool] = False
+    fresh_updates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_range("initial_accumulator_value", self.initial_accumulator_value)
+        object.__setattr__(self, "eps", check_range("eps", self.eps, low_open=True))
+        object.__setattr__(self, "lr_decay", check_range("lr_decay", self.lr_decay))
+        check_bool("eps_in_sqrt", self.eps_in_sqrt)
+
+    def init(self, params: Sequence[Tensor]) -> ScaleByRssState:
+        return ScaleByRssState(step=new_steps(params), sum=zeros_like(params, float(self.initial_accumulator_value)))
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        updates = rss_update(
+            updates,
+            state.sum,
+            state.step,
+            eps=ctx.value(self.eps),
+            lr_decay=ctx.value(self.lr_decay),
+            eps_in_sqrt=self.eps_in_sqrt,
+            gate=ctx.gate,
+        )
+        return updates, state
 
 
 def scale_by_rss(
     initial_accumulator_value: float = 0.0,
-    eps: float = 1e-10,
-    lr_decay: float = 0.0,
+    eps: float | Tensor = 1e-10,
+    lr_decay: float | Tensor = 0.0,
     eps_in_sqrt: bool = False,
-) -> Transform:
+) -> ScaleByRss:
     """Adagrad (Duchi, Hazan and Singer, 2011): scale by the root of the sum of squared gradients.
 
     .. math::
@@ -123,17 +177,7 @@ def scale_by_rss(
     eps=1e-7, eps_in_sqrt=True`` and returns 0 where the accumulator is 0; here that case gives
     ``0 / eps = 0`` too unless ``eps`` is 0, which the optimizers refuse.
     """
-
-    def init(params: Sequence[Tensor]) -> ScaleByRssState:
-        return ScaleByRssState(step=new_steps(params), sum=zeros_like(params, initial_accumulator_value))
-
-    def update(updates, state, params=None):
-        updates = rss_update(
-            updates, state.sum, state.step, eps=eps, lr_decay=lr_decay, eps_in_sqrt=eps_in_sqrt, gate=commit_gate()
-        )
-        return updates, state
-
-    return Transform(init, update, "elements")
+    return ScaleByRss(initial_accumulator_value, eps, lr_decay, eps_in_sqrt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,11 +193,11 @@ class ScaleByRmsState(NamedTuple):
     step: list[Tensor]
     square_avg: list[Tensor]
     grad_avg: list[Tensor] | None
-    fraction_clipped: Tensor | None = None
+    moment_clip_fraction: Tensor | None = None
 
 
 def rms_update(
-    updates: list[Tensor],
+    grads: list[Tensor],
     square_avg: list[Tensor],
     grad_avg: list[Tensor] | None,
     steps: list[Tensor],
@@ -164,42 +208,98 @@ def rms_update(
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
 ) -> tuple[list[Tensor], Tensor | None]:
-    """RMSProp's scaling, in place on ``updates`` and the state; centered iff ``grad_avg`` is given.
+    """RMSProp's scaling: updates the state in place, returns new updates; centered iff
+    ``grad_avg`` is given.
 
     .. math::
         v \\leftarrow \\alpha v + (1-\\alpha) g^2,\\quad
         \\bar g \\leftarrow \\alpha \\bar g + (1-\\alpha) g,\\quad
         u = \\frac{g}{\\sqrt{v - \\bar g^2} + \\epsilon}
 
-    With ``moment_clip = k``, ``g`` is first clipped per element to ``±k·sqrt(v̂)`` with
-    ``v̂ = v / (1 − α^(t−1))`` from the steps before this one (the first step passes), ``v`` is
-    updated from the *unclipped* ``g`` and ``ḡ`` and ``u`` use the clipped one.
+    With ``moment_clip = k``, ``g`` is first clipped per element (in place) to ``±k·sqrt(v̂)``
+    with ``v̂ = v / (1 − α^(t−1))`` from the steps before this one (the first step passes), ``v`` is
+    updated from the *unclipped* ``g`` and ``ḡ`` and ``u`` use the clipped one
+    (:func:`~steadygrad.transforms.clipping.moment.moment_clip_`).
 
     Returns:
         ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
-    threshold = None if moment_clip is None else moment_threshold(square_avg, steps, k=moment_clip, beta=alpha)
+    fraction = _moment_clip_or_ema(grads, square_avg, steps, alpha, gate, moment_clip)
     advance_(steps, gate)
-    decay, rate = gate_ema_per_tensor(alpha, gate, square_avg)
-    torch._foreach_mul_(square_avg, decay)
-    addcmul_(square_avg, updates, updates, rate)
-    fraction = None if threshold is None else clamp_to_threshold_(updates, threshold)
     if grad_avg is not None:
-        torch._foreach_lerp_(grad_avg, updates, rate)
+        ema_(grad_avg, grads, alpha, gate)
         v = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
+        if eps_in_sqrt:
+            torch._foreach_add_(v, eps)
+            torch._foreach_sqrt_(v)
+        else:
+            torch._foreach_sqrt_(v)
+            torch._foreach_add_(v, eps)
+        den = v
     else:
-        v = square_avg
-    torch._foreach_div_(updates, _denominator(v, eps, eps_in_sqrt))
-    return updates, fraction
+        den = _denominator(square_avg, eps, eps_in_sqrt)
+    return torch._foreach_div(grads, den), fraction
+
+
+@dataclass(frozen=True)
+class ScaleByRms(Transform):
+    """RMSProp's scaling; see :func:`scale_by_rms`."""
+
+    alpha: Any = 0.99
+    eps: Any = 1e-8
+    centered: bool = False
+    eps_in_sqrt: bool = False
+    moment_clip: Any = None
+    structure: ClassVar[str] = "elements"
+    fresh_updates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", check_range("alpha", self.alpha, 0.0, 1.0))
+        object.__setattr__(self, "eps", check_range("eps", self.eps, low_open=True))
+        check_bool("centered", self.centered)
+        check_bool("eps_in_sqrt", self.eps_in_sqrt)
+        if self.moment_clip is not None:
+            object.__setattr__(self, "moment_clip", check_range("moment_clip", self.moment_clip, low_open=True))
+
+    @property
+    def writes_updates(self) -> bool:  # type: ignore[override]
+        return self.moment_clip is not None
+
+    def init(self, params: Sequence[Tensor]) -> ScaleByRmsState:
+        return ScaleByRmsState(
+            step=new_steps(params),
+            square_avg=zeros_like(params),
+            grad_avg=zeros_like(params) if self.centered else None,
+            moment_clip_fraction=None if self.moment_clip is None else new_fraction(params),
+        )
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        if self.centered and state.grad_avg is None:
+            raise ValueError("scale_by_rms(centered=True) got a state without grad_avg")
+        gate = ctx.gate
+        updates, fraction = rms_update(
+            updates,
+            state.square_avg,
+            state.grad_avg if self.centered else None,
+            state.step,
+            alpha=ctx.value(self.alpha),
+            eps=ctx.value(self.eps),
+            eps_in_sqrt=self.eps_in_sqrt,
+            gate=gate,
+            moment_clip=ctx.value(self.moment_clip),
+        )
+        if fraction is not None:
+            state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
+        return updates, state
 
 
 def scale_by_rms(
-    alpha: float = 0.99,
-    eps: float = 1e-8,
+    alpha: float | Tensor = 0.99,
+    eps: float | Tensor = 1e-8,
     centered: bool = False,
     eps_in_sqrt: bool = False,
-    moment_clip: Scalar | None = None,
-) -> Transform:
+    moment_clip: float | Tensor | None = None,
+) -> ScaleByRms:
     """RMSProp (Hinton, Lecture 6e, 2012; centered: Graves, 2013): scale by the root of an
     exponential moving average of g².
 
@@ -214,7 +314,8 @@ def scale_by_rms(
     see :func:`steadygrad.clip_by_moment`) with this transform's own ``v`` as the second moment:
     ``v̂ = v/(1 − α^(t−1))`` from the steps before this one, and ``v`` updated from the
     *unclipped* gradient, so the clipping needs no memory of its own. ``ḡ`` (centered) and the
-    update use the clipped gradient. The state then holds ``fraction_clipped``.
+    update use the clipped gradient. The rule is :func:`steadygrad.transforms.clipping.moment.moment_clip_`, the one
+    :func:`steadygrad.clip_by_moment` runs. The state then holds ``moment_clip_fraction``.
 
     Differences: equals ``torch.optim.RMSprop`` without momentum and lr (compose with
     :func:`trace` and :func:`scale_by_lr`). optax's ``scale_by_rms(decay, eps,
@@ -222,35 +323,7 @@ def scale_by_rms(
     centered form with eps inside the root. TensorFlow 1 starts ``v`` at 1; here it starts at 0
     as in torch and optax.
     """
-
-    def init(params: Sequence[Tensor]) -> ScaleByRmsState:
-        return ScaleByRmsState(
-            step=new_steps(params),
-            square_avg=zeros_like(params),
-            grad_avg=zeros_like(params) if centered else None,
-            fraction_clipped=None if moment_clip is None else new_fraction(params),
-        )
-
-    def update(updates, state, params=None):
-        if centered and state.grad_avg is None:
-            raise ValueError("scale_by_rms(centered=True) got a state without grad_avg")
-        gate = commit_gate()
-        updates, fraction = rms_update(
-            updates,
-            state.square_avg,
-            state.grad_avg if centered else None,
-            state.step,
-            alpha=alpha,
-            eps=eps,
-            eps_in_sqrt=eps_in_sqrt,
-            gate=gate,
-            moment_clip=moment_clip,
-        )
-        if fraction is not None:
-            state = state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
-        return updates, state
-
-    return Transform(init, update, "elements")
+    return ScaleByRms(alpha, eps, centered, eps_in_sqrt, moment_clip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,11 +340,33 @@ class ScaleByAdamState(NamedTuple):
     exp_avg: list[Tensor]
     exp_avg_sq: list[Tensor]
     max_exp_avg_sq: list[Tensor] | None
-    fraction_clipped: Tensor | None = None
+    moment_clip_fraction: Tensor | None = None
+
+
+def _adam_denominator(
+    second: list[Tensor], bc1: list[Any], bc2: list[Any], eps: Scalar, eps_in_sqrt: bool
+) -> list[Tensor]:
+    """A new list ``(1−β1^t)·(sqrt(v/(1−β2^t)) + eps)`` (or ``sqrt(v/(1−β2^t) + eps)``): the
+    first moment divided by it is Adam's update. The first bias correction goes into the same
+    passes as the second (torch folds it into the step size instead)."""
+    if eps_in_sqrt:
+        den = torch._foreach_div(second, bc2)
+        torch._foreach_add_(den, eps)
+        torch._foreach_sqrt_(den)
+        torch._foreach_mul_(den, bc1)
+        return den
+    if not bc1 or isinstance(bc1[0], float):
+        scales = [b1 / math.sqrt(b2) for b1, b2 in zip(bc1, bc2)]
+    else:
+        scales = [b1 / b2.sqrt() for b1, b2 in zip(bc1, bc2)]
+    den = torch._foreach_sqrt(second)
+    torch._foreach_mul_(den, scales)
+    torch._foreach_add_(den, [b1 * eps for b1 in bc1])
+    return den
 
 
 def adam_update(
-    updates: list[Tensor],
+    grads: list[Tensor],
     exp_avg: list[Tensor],
     exp_avg_sq: list[Tensor],
     max_exp_avg_sq: list[Tensor] | None,
@@ -284,58 +379,101 @@ def adam_update(
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
 ) -> tuple[list[Tensor], Tensor | None]:
-    """Adam's scaling, in place on ``updates`` and the state; amsgrad iff ``max_exp_avg_sq`` is given.
+    """Adam's scaling: updates the state in place, returns new updates; amsgrad iff
+    ``max_exp_avg_sq`` is given.
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
         v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,\\quad
         u = \\frac{m / (1-\\beta_1^t)}{\\sqrt{v / (1-\\beta_2^t)} + \\epsilon}
 
-    With ``moment_clip = k``, ``g`` is clipped per element to ``±k·sqrt(v̂)`` with
+    With ``moment_clip = k``, ``g`` is clipped per element (in place) to ``±k·sqrt(v̂)`` with
     ``v̂ = v / (1 − β2^(t−1))`` from the steps before this one (the first step passes); ``v`` is
-    updated from the *unclipped* ``g`` and ``m`` from the clipped one.
+    updated from the *unclipped* ``g`` and ``m`` from the clipped one
+    (:func:`~steadygrad.transforms.clipping.moment.moment_clip_`).
 
     Returns:
         ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
-    threshold = None if moment_clip is None else moment_threshold(exp_avg_sq, steps, k=moment_clip, beta=beta2)
     # This step's bias corrections (t = count + 1) from the counters before they advance: no
     # scalar op then waits for the advance, and compiled, all the element-wise work is one loop.
     # (Under a closed commit gate the counters stay, and the discarded updates use t = count + 1.)
     bc1 = bias_correction(beta1, steps, offset=-1)
     bc2 = bias_correction(beta2, steps, offset=-1)
+    fraction = _moment_clip_or_ema(grads, exp_avg_sq, steps, beta2, gate, moment_clip)
     advance_(steps, gate)
-    decay, rate = gate_ema_per_tensor(beta2, gate, exp_avg_sq)
-    torch._foreach_mul_(exp_avg_sq, decay)
-    addcmul_(exp_avg_sq, updates, updates, rate)
-    fraction = None if threshold is None else clamp_to_threshold_(updates, threshold)
-    torch._foreach_lerp_(exp_avg, updates, gate_ema_per_tensor(beta1, gate, exp_avg)[1])
+    ema_(exp_avg, grads, beta1, gate)
     if max_exp_avg_sq is not None:
         torch._foreach_maximum_(max_exp_avg_sq, exp_avg_sq)
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
-    if eps_in_sqrt:
-        den = torch._foreach_div(second, bc2)
-        torch._foreach_add_(den, eps)
-        torch._foreach_sqrt_(den)
-    else:
-        den = torch._foreach_sqrt(second)
-        torch._foreach_div_(den, torch._foreach_sqrt(bc2))
-        torch._foreach_add_(den, eps)
-    torch._foreach_copy_(updates, exp_avg)
-    torch._foreach_div_(updates, bc1)
-    torch._foreach_div_(updates, den)
-    return updates, fraction
+    return torch._foreach_div(exp_avg, _adam_denominator(second, bc1, bc2, eps, eps_in_sqrt)), fraction
+
+
+@dataclass(frozen=True)
+class ScaleByAdam(Transform):
+    """Adam's scaling; see :func:`scale_by_adam`."""
+
+    betas: Any = (0.9, 0.999)
+    eps: Any = 1e-8
+    amsgrad: bool = False
+    eps_in_sqrt: bool = False
+    moment_clip: Any = None
+    structure: ClassVar[str] = "elements"
+    fresh_updates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", check_betas(self.betas))
+        object.__setattr__(self, "eps", check_range("eps", self.eps, low_open=True))
+        check_bool("amsgrad", self.amsgrad)
+        check_bool("eps_in_sqrt", self.eps_in_sqrt)
+        if self.moment_clip is not None:
+            object.__setattr__(self, "moment_clip", check_range("moment_clip", self.moment_clip, low_open=True))
+
+    @property
+    def writes_updates(self) -> bool:  # type: ignore[override]
+        return self.moment_clip is not None
+
+    def init(self, params: Sequence[Tensor]) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            step=new_steps(params),
+            exp_avg=zeros_like(params),
+            exp_avg_sq=zeros_like(params),
+            max_exp_avg_sq=zeros_like(params) if self.amsgrad else None,
+            moment_clip_fraction=None if self.moment_clip is None else new_fraction(params),
+        )
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        if self.amsgrad and state.max_exp_avg_sq is None:
+            raise ValueError("scale_by_adam(amsgrad=True) got a state without max_exp_avg_sq")
+        gate = ctx.gate
+        beta1, beta2 = ctx.value(self.betas)
+        updates, fraction = adam_update(
+            updates,
+            state.exp_avg,
+            state.exp_avg_sq,
+            state.max_exp_avg_sq if self.amsgrad else None,
+            state.step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=ctx.value(self.eps),
+            eps_in_sqrt=self.eps_in_sqrt,
+            gate=gate,
+            moment_clip=ctx.value(self.moment_clip),
+        )
+        if fraction is not None:
+            state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
+        return updates, state
 
 
 def scale_by_adam(
-    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
-    eps: float = 1e-8,
+    betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+    eps: float | Tensor = 1e-8,
     amsgrad: bool = False,
     eps_in_sqrt: bool = False,
-    moment_clip: Scalar | None = None,
-) -> Transform:
+    moment_clip: float | Tensor | None = None,
+) -> ScaleByAdam:
     """Adam (Kingma and Ba, 2015), with AMSGrad (Reddi, Kale and Kumar, 2018) as an option.
 
     .. math::
@@ -352,8 +490,10 @@ def scale_by_adam(
     of the (unclipped) gradient"): each gradient element is clipped to ``±k·sqrt(v̂)`` with Adam's
     own ``v`` (``v̂ = v/(1 − β2^(t−1))``, the steps before this one; the first step passes), ``v``
     is updated from the *unclipped* gradient and ``m`` from the clipped one. No extra memory. With
-    amsgrad the limit still uses ``v``, not its maximum. The state then holds
-    ``fraction_clipped``. See :func:`steadygrad.clip_by_moment` for the rule with its own ``v``.
+    amsgrad the limit still uses ``v``, not its maximum. The rule is
+    :func:`steadygrad.transforms.clipping.moment.moment_clip_`, the one :func:`steadygrad.clip_by_moment`
+    runs. The state then holds ``moment_clip_fraction``. See :func:`steadygrad.clip_by_moment` for the rule
+    with its own ``v``.
 
     Differences: equals ``torch.optim.Adam`` without lr and weight decay. optax's
     ``scale_by_adam(b1, b2, eps, eps_root)`` equals this with ``eps_in_sqrt=False`` and
@@ -361,36 +501,4 @@ def scale_by_adam(
     ``scale_by_amsgrad`` keeps the maximum of the *bias-corrected* second moment, torch (and this
     transform) the maximum of the raw one; the two differ while the bias correction changes.
     """
-    beta1, beta2 = betas
-
-    def init(params: Sequence[Tensor]) -> ScaleByAdamState:
-        return ScaleByAdamState(
-            step=new_steps(params),
-            exp_avg=zeros_like(params),
-            exp_avg_sq=zeros_like(params),
-            max_exp_avg_sq=zeros_like(params) if amsgrad else None,
-            fraction_clipped=None if moment_clip is None else new_fraction(params),
-        )
-
-    def update(updates, state, params=None):
-        if amsgrad and state.max_exp_avg_sq is None:
-            raise ValueError("scale_by_adam(amsgrad=True) got a state without max_exp_avg_sq")
-        gate = commit_gate()
-        updates, fraction = adam_update(
-            updates,
-            state.exp_avg,
-            state.exp_avg_sq,
-            state.max_exp_avg_sq if amsgrad else None,
-            state.step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            eps_in_sqrt=eps_in_sqrt,
-            gate=gate,
-            moment_clip=moment_clip,
-        )
-        if fraction is not None:
-            state = state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
-        return updates, state
-
-    return Transform(init, update, "elements")
+    return ScaleByAdam(betas, eps, amsgrad, eps_in_sqrt, moment_clip)

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..core.tensorlist import Scalar, gate_ema_per_tensor, gate_open_per_tensor, zeros_like
-from ..core.transform import EmptyState, Transform, commit_gate, group_hyperparameter
+from ..core.gate import gate_ema_per_tensor, gate_open_per_tensor
+from ..core.tensorlist import zeros_like
+from ..core.transform import PLAIN, EmptyState, Hyper, Transform
+from ..core.validate import check_bool, check_range
 
-__all__ = ["TraceState", "add_decayed_weights", "scale", "scale_by_lr", "trace"]
+__all__ = [
+    "AddDecayedWeights",
+    "Scale",
+    "ScaleByLr",
+    "Trace",
+    "TraceState",
+    "add_decayed_weights",
+    "scale",
+    "scale_by_lr",
+    "trace",
+]
 
 
 class TraceState(NamedTuple):
@@ -20,7 +33,37 @@ class TraceState(NamedTuple):
     momentum_buffer: list[Tensor]
 
 
-def trace(momentum: Scalar, nesterov: bool = False) -> Transform:
+@dataclass(frozen=True)
+class Trace(Transform):
+    """Heavy-ball momentum; see :func:`trace`."""
+
+    momentum: Any
+    nesterov: bool = False
+    structure: ClassVar[str] = "elements"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "momentum", check_range("momentum", self.momentum, 0.0, 1.0))
+        check_bool("nesterov", self.nesterov)
+
+    def init(self, params: Sequence[Tensor]) -> TraceState:
+        return TraceState(momentum_buffer=zeros_like(params))
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        momentum = ctx.value(self.momentum)
+        buf = state.momentum_buffer
+        gate = ctx.gate
+        torch._foreach_mul_(buf, gate_ema_per_tensor(momentum, gate, buf)[0])
+        torch._foreach_add_(
+            buf, updates if gate is None else torch._foreach_mul(updates, gate_open_per_tensor(gate, buf))
+        )
+        if self.nesterov:
+            torch._foreach_add_(updates, torch._foreach_mul(buf, momentum))
+        else:
+            torch._foreach_copy_(updates, buf)
+        return updates, state
+
+
+def trace(momentum: float | Tensor | Hyper, nesterov: bool = False) -> Trace:
     """Heavy-ball momentum (Polyak, 1964), optionally Nesterov's (Sutskever et al., 2013).
 
     .. math::
@@ -30,28 +73,39 @@ def trace(momentum: Scalar, nesterov: bool = False) -> Transform:
     ``b`` starts at zero, so the first step gives ``b_1 = u_1`` as torch's SGD (without
     dampening) and RMSprop do. Equals optax's ``trace(decay=momentum, nesterov=nesterov)``.
     Under a closed commit gate ``b`` stays unchanged.
+
+    Args:
+        momentum: ``μ`` in ``[0, 1)``.
+        nesterov: Nesterov's variant.
     """
+    return Trace(momentum, nesterov)
 
-    def init(params: Sequence[Tensor]) -> TraceState:
-        return TraceState(momentum_buffer=zeros_like(params))
 
-    def update(updates, state, params=None):
-        buf = state.momentum_buffer
-        gate = commit_gate()
-        torch._foreach_mul_(buf, gate_ema_per_tensor(momentum, gate, buf)[0])
-        torch._foreach_add_(
-            buf, updates if gate is None else torch._foreach_mul(updates, gate_open_per_tensor(gate, buf))
-        )
-        if nesterov:
-            torch._foreach_add_(updates, torch._foreach_mul(buf, momentum))
-        else:
-            torch._foreach_copy_(updates, buf)
+@dataclass(frozen=True)
+class AddDecayedWeights(Transform):
+    """``u ← u + λ·p``; see :func:`add_decayed_weights`."""
+
+    weight_decay: Any
+    structure: ClassVar[str] = "elements"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_decay", check_range("weight_decay", self.weight_decay))
+
+    def init(self, params: Sequence[Tensor]) -> EmptyState:
+        return EmptyState()
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        if params is None:
+            raise ValueError("add_decayed_weights needs the parameters: update(updates, state, params)")
+        weight_decay = ctx.value(self.weight_decay)
+        if isinstance(weight_decay, Tensor):
+            torch._foreach_add_(updates, torch._foreach_mul(list(params), weight_decay))
+        elif weight_decay != 0:
+            torch._foreach_add_(updates, list(params), alpha=weight_decay)
         return updates, state
 
-    return Transform(init, update, "elements")
 
-
-def add_decayed_weights(weight_decay: Scalar) -> Transform:
+def add_decayed_weights(weight_decay: float | Tensor | Hyper) -> AddDecayedWeights:
     """Adds ``weight_decay · p`` to the updates: :math:`u \\leftarrow u + \\lambda p`.
 
     Where it stands in a chain decides the kind of weight decay:
@@ -63,53 +117,72 @@ def add_decayed_weights(weight_decay: Scalar) -> Transform:
       ``chain(scale_by_adam(), add_decayed_weights(wd), scale_by_lr())``.
 
     Needs ``params`` in ``update``. Equals optax's ``add_decayed_weights``.
+
+    Args:
+        weight_decay: ``λ >= 0``.
     """
+    return AddDecayedWeights(weight_decay)
 
-    def init(params: Sequence[Tensor]) -> EmptyState:
+
+@dataclass(frozen=True)
+class Scale(Transform):
+    """``u ← c·u``; see :func:`scale`."""
+
+    factor: Any
+    structure: ClassVar[str] = "elements"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "factor", check_range("factor", self.factor, -float("inf")))
+
+    def init(self, params: Sequence[Tensor]) -> EmptyState:
         return EmptyState()
 
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("add_decayed_weights needs the parameters: update(updates, state, params)")
-        if isinstance(weight_decay, Tensor):
-            torch._foreach_add_(updates, torch._foreach_mul(list(params), weight_decay))
-        elif weight_decay != 0:
-            torch._foreach_add_(updates, list(params), alpha=weight_decay)
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        torch._foreach_mul_(updates, ctx.value(self.factor))
         return updates, state
 
-    return Transform(init, update, "elements")
+
+def scale(factor: float | Tensor | Hyper) -> Scale:
+    """Multiplies the updates by a constant: :math:`u \\leftarrow c\\,u` (``c`` finite)."""
+    return Scale(factor)
 
 
-def scale(factor: Scalar) -> Transform:
-    """Multiplies the updates by a constant: :math:`u \\leftarrow c\\,u`."""
+@dataclass(frozen=True)
+class ScaleByLr(Transform):
+    """The descent step ``u ← −lr·u``; see :func:`scale_by_lr`."""
 
-    def init(params: Sequence[Tensor]) -> EmptyState:
+    lr: Any = Hyper("lr")
+    structure: ClassVar[str] = "elements"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", check_range("lr", self.lr))
+
+    def init(self, params: Sequence[Tensor]) -> EmptyState:
         return EmptyState()
 
-    def update(updates, state, params=None):
-        torch._foreach_mul_(updates, factor)
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        torch._foreach_mul_(updates, -ctx.value(self.lr))
         return updates, state
 
-    return Transform(init, update, "elements")
+    def apply_(self, params, updates, state, ctx=PLAIN):
+        """``p ← p − lr·u`` in one operation (a number ``lr``)."""
+        lr = ctx.value(self.lr)
+        if isinstance(lr, Tensor):
+            torch._foreach_mul_(updates, -lr)
+            torch._foreach_add_(params, updates)
+        else:
+            torch._foreach_add_(params, updates, alpha=-lr)
+        return state
 
 
-def scale_by_lr(lr: Scalar | None = None) -> Transform:
+def scale_by_lr(lr: float | Tensor | Hyper | None = None) -> ScaleByLr:
     """The descent step: :math:`u \\leftarrow -\\text{lr}\\cdot u`.
 
     Args:
-        lr: a number or 0-d tensor; ``None`` (the default) reads ``lr`` from the optimizer's
-            parameter group at every step, so LR schedulers and ``param_groups`` edits take
-            effect as in torch.optim.
+        lr: a number or 0-d tensor ``>= 0``; ``None`` (the default) is ``Hyper("lr")``: the ``lr``
+            of the optimizer's parameter group, read at every step, so LR schedulers and
+            ``param_groups`` edits take effect as in torch.optim.
 
     Equals optax's ``scale_by_learning_rate(lr)`` (which also flips the sign).
     """
-
-    def init(params: Sequence[Tensor]) -> EmptyState:
-        return EmptyState()
-
-    def update(updates, state, params=None):
-        rate = group_hyperparameter("lr") if lr is None else lr
-        torch._foreach_mul_(updates, -rate)
-        return updates, state
-
-    return Transform(init, update, "elements")
+    return ScaleByLr(Hyper("lr") if lr is None else lr)

@@ -1,48 +1,24 @@
-"""Safety against non-finite gradients: counting them, zeroing a bad step on the device, and
-:func:`skip_nonfinite`, which turns a step with inf/NaN updates into a no-op for the transforms
-it wraps.
+"""Safety against non-finite gradients: :func:`skip_nonfinite`, which turns a step with inf/NaN
+updates into a no-op for the transforms it wraps.
 
 Everything here decides on the device (no ``.item()``): a bad step is turned into a closed commit
-gate (see :mod:`steadygrad.core.transform`) and zeroed updates, never into a Python branch.
+gate (see :mod:`steadygrad.core.gate`) and zeroed updates, never into a Python branch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..core.transform import Transform, commit_gate, gated
-from .clipping import commit_select
+from ..core.gate import combine_gates, commit_select, count_nonfinite, zero_unless_
+from ..core.transform import PLAIN, Transform
+from ..core.validate import check_int
 
-__all__ = ["SkipNonfiniteState", "count_nonfinite", "nonfinite_counts", "skip_nonfinite", "zero_unless_"]
-
-
-def nonfinite_counts(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The number of inf/NaN elements of each tensor, as 0-d int64 tensors on its device."""
-    return [torch.count_nonzero(torch.isfinite(t).logical_not_()) for t in tensors]
-
-
-def count_nonfinite(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
-    """The number of inf/NaN elements of all ``tensors``: a 0-d int64 tensor on the device of the
-    first tensor (``device``, else the CPU, when there are none). Nothing is read on the host."""
-    counts = nonfinite_counts(tensors)
-    if not counts:
-        return torch.zeros((), dtype=torch.int64, device=device)
-    dev = counts[0].device
-    if len(counts) == 1:
-        return counts[0]
-    return torch.stack([c.to(dev) for c in counts]).sum()
-
-
-def zero_unless_(tensors: Sequence[Tensor], ok: Tensor) -> None:
-    """Sets every element of every tensor to 0 where the 0-d ``ok`` is false (0), in place and on
-    the device (``masked_fill_``: inf and NaN become 0 too, which a multiplication would not do)."""
-    bad = ok == 0
-    for t in tensors:
-        t.masked_fill_(bad if bad.device == t.device else bad.to(t.device), 0)
+__all__ = ["SkipNonfinite", "SkipNonfiniteState", "skip_nonfinite"]
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -59,7 +35,55 @@ class SkipNonfiniteState(NamedTuple):
     total: Tensor
 
 
-def skip_nonfinite(inner: Transform, max_consecutive: int | None = None) -> Transform:
+@dataclass(frozen=True)
+class SkipNonfinite(Transform):
+    """``inner`` on finite steps only; see :func:`skip_nonfinite`."""
+
+    inner: Transform
+    max_consecutive: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, Transform):
+            raise TypeError(f"skip_nonfinite: inner must be a Transform, got {type(self.inner).__name__}")
+        if self.max_consecutive is not None:
+            check_int("max_consecutive", self.max_consecutive, 0)
+
+    @property
+    def structure(self) -> str:  # type: ignore[override]
+        return self.inner.structure
+
+    def init(self, params: Sequence[Tensor]) -> tuple[SkipNonfiniteState, Any]:
+        device = params[0].device if len(params) else None
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return (SkipNonfiniteState(zero, zero.clone(), zero.clone()), self.inner.init(params))
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        own, inner_state = state
+        outer = ctx.gate
+        bad = count_nonfinite(updates, own.nonfinite.device)
+        finite = bad == 0
+        ok = combine_gates(outer, finite)
+        zero_unless_(updates, ok)
+        updates, inner_state = self.inner.update(updates, inner_state, params, ctx.with_gate(ok.to(torch.float32)))
+        zero_unless_(updates, ok)
+
+        consecutive = torch.where(finite, 0, own.consecutive.to(finite.device) + 1)
+        total = own.total.to(finite.device) + finite.logical_not().to(torch.int64)
+        new = SkipNonfiniteState(
+            nonfinite=commit_select(outer, bad, own.nonfinite),
+            consecutive=commit_select(outer, consecutive, own.consecutive),
+            total=commit_select(outer, total, own.total),
+        )
+        limit = self.max_consecutive
+        if limit is not None and bool(new.consecutive > limit):  # the one host read
+            raise RuntimeError(
+                f"skip_nonfinite: the updates were non-finite on {int(new.consecutive)} consecutive steps "
+                f"(max_consecutive={limit}); the last step had {int(bad)} inf/NaN elements"
+            )
+        return updates, (new, inner_state)
+
+
+def skip_nonfinite(inner: Transform, max_consecutive: int | None = None) -> SkipNonfinite:
     """Runs ``inner`` only on steps whose updates are all finite; a bad step leaves no trace.
 
     Each step counts the inf/NaN elements of the incoming updates. A step with any of them is
@@ -96,41 +120,4 @@ def skip_nonfinite(inner: Transform, max_consecutive: int | None = None) -> Tran
         ValueError: ``max_consecutive`` is negative or not an integer.
         TypeError: ``inner`` is not a Transform.
     """
-    if not isinstance(inner, Transform):
-        raise TypeError(f"skip_nonfinite: inner must be a Transform, got {type(inner).__name__}")
-    if max_consecutive is not None and (
-        isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 0
-    ):
-        raise ValueError(f"max_consecutive must be None or an integer >= 0, got {max_consecutive!r}")
-
-    def init(params: Sequence[Tensor]) -> tuple[SkipNonfiniteState, object]:
-        device = params[0].device if len(params) else None
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        return (SkipNonfiniteState(zero, zero.clone(), zero.clone()), inner.init(params))
-
-    def update(updates, state, params=None):
-        own, inner_state = state
-        outer = commit_gate()
-        bad = count_nonfinite(updates, own.nonfinite.device)
-        finite = bad == 0
-        ok = finite if outer is None else finite & (outer.to(finite.device) != 0)
-        zero_unless_(updates, ok)
-        with gated(ok.to(torch.float32)):
-            updates, inner_state = inner.update(updates, inner_state, params)
-        zero_unless_(updates, ok)
-
-        consecutive = torch.where(finite, 0, own.consecutive.to(finite.device) + 1)
-        total = own.total.to(finite.device) + finite.logical_not().to(torch.int64)
-        new = SkipNonfiniteState(
-            nonfinite=commit_select(outer, bad, own.nonfinite),
-            consecutive=commit_select(outer, consecutive, own.consecutive),
-            total=commit_select(outer, total, own.total),
-        )
-        if max_consecutive is not None and bool(new.consecutive > max_consecutive):  # the one host read
-            raise RuntimeError(
-                f"skip_nonfinite: the updates were non-finite on {int(new.consecutive)} consecutive steps "
-                f"(max_consecutive={max_consecutive}); the last step had {int(bad)} inf/NaN elements"
-            )
-        return updates, (new, inner_state)
-
-    return Transform(init, update, inner.structure)
+    return SkipNonfinite(inner, max_consecutive)

@@ -1,0 +1,154 @@
+"""The step as a program, and its reference executor.
+
+A :class:`StepProgram` is everything one optimizer step does, as data: the clipping transform run
+once over the gradients of all parameter groups, each group's chain (built by the optimizer from
+the group's *structural* options: amsgrad, centered, a zero or non-zero weight decay, ...; the
+hyperparameters themselves are :class:`~steadygrad.core.transform.Hyper` references read from
+the group at every step), ``maximize`` per group, and the state layout of each part
+(:class:`~steadygrad.core.state.StateLayout`). An optimizer builds a program once per structure
+and keeps it until a structural option changes.
+
+Two executors run a program: :meth:`StepProgram.run` (here) on the parameters' own tensors with
+grouped foreach operations, and :class:`steadygrad.kernels.fused.FusedExecutor` on flat buffers
+under ``torch.compile``. Both call the very same transforms; neither sees the optimizer.
+
+State layout (the one place that decides it)
+    * a group chain's per-parameter state under torch.optim's keys (``step``, ``exp_avg``, ...);
+    * its shared state (e.g. ``moment_clip_fraction``) replicated in the entry of every
+      parameter of the group, under ``"group.<name>"``;
+    * ``clip=``'s per-parameter state under ``"clip.<name>"`` and its shared state (ZClip's
+      statistics, ``fraction_clipped``) replicated in every parameter's entry under
+      ``"clip.<name>"``.
+
+    ``opt.state`` thus holds only parameter-keyed entries (see :mod:`steadygrad.core.state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from ..core.state import Replicated, StateLayout
+from ..core.tensorlist import split_like, working_copy
+from ..core.transform import PLAIN, StepContext, Transform, coarsest_structure
+
+__all__ = ["CLIP_NAMESPACE", "GROUP_NAMESPACE", "GroupStep", "StepProgram", "structure_key"]
+
+#: Key prefixes of the state of ``clip=`` and of a group chain's shared state.
+CLIP_NAMESPACE = "clip."
+GROUP_NAMESPACE = "group."
+
+
+def _kind(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return "tensor"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "zero" if value == 0 else "number"
+    if isinstance(value, tuple):
+        return tuple(_kind(v) for v in value)
+    return value if isinstance(value, (bool, str, type(None))) else type(value).__name__
+
+
+def structure_key(param_groups: Sequence[Mapping[str, Any]]) -> tuple:
+    """What selects a program: per group, every option's *kind* (a bool, string or ``None`` as
+    itself; a number as zero or non-zero; a tensor as a tensor). A scheduler changing ``lr`` keeps
+    the key; ``momentum`` 0 → 0.9, ``centered``, ``amsgrad`` or ``moment_clip`` None → 2 change it."""
+    return tuple(tuple(sorted((k, _kind(v)) for k, v in g.items() if k != "params")) for g in param_groups)
+
+
+@dataclass(frozen=True)
+class GroupStep:
+    """The part of a program for one parameter group."""
+
+    transform: Transform
+    layout: StateLayout
+    maximize: bool
+    step_on_device: bool  # torch's capturable: step counters on the parameters' device
+
+    @classmethod
+    def build(cls, transform: Transform, group: Mapping[str, Any]) -> GroupStep:
+        return cls(
+            transform,
+            StateLayout(transform, "", GROUP_NAMESPACE),
+            bool(group.get("maximize", False)),
+            bool(group.get("capturable", False)),
+        )
+
+    def updates(self, grads: list[Tensor]) -> list[Tensor]:
+        """What the chain starts from: the gradients themselves when it writes nothing it is
+        given, else a copy (negated to maximize)."""
+        if self.maximize or self.transform.writes_updates:
+            return working_copy(grads, self.maximize)
+        return grads
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    """One optimizer step as data (see the module docstring)."""
+
+    key: tuple
+    groups: tuple[GroupStep, ...]  # aligned with the optimizer's param_groups
+    clip: Transform | None
+    clip_layout: StateLayout | None
+
+    @classmethod
+    def build(
+        cls, key: tuple, transforms: Sequence[Transform], param_groups: Sequence[Mapping], clip: Transform | None
+    ):
+        groups = tuple(GroupStep.build(t, g) for t, g in zip(transforms, param_groups))
+        layout = StateLayout(clip, CLIP_NAMESPACE, CLIP_NAMESPACE) if clip is not None else None
+        return cls(key, groups, clip, layout)
+
+    @property
+    def structure(self) -> str:
+        """The structure the whole step needs (see :data:`steadygrad.core.transform.STRUCTURES`)."""
+        parts = [g.transform.structure for g in self.groups]
+        if self.clip is not None:
+            parts.append(self.clip.structure)
+        return coarsest_structure(*parts)
+
+    # ---- the reference executor -----------------------------------------------------------------
+
+    def run(self, param_groups: Sequence[Mapping[str, Any]], store: MutableMapping[Any, dict]) -> None:
+        """One step on the parameters' own tensors: grouped foreach operations, state in ``store``
+        (``opt.state``). Parameters without a gradient are not stepped."""
+        work = []
+        for g, group in zip(self.groups, param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for grad in grads:
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        "steadygrad optimizers do not support sparse gradients; "
+                        "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
+                    )
+            work.append((g, group, params, grads))
+        if not work:
+            return
+        owned = False
+        if self.clip_layout is not None:
+            # Once over the gradients of all groups (a global norm is over all of them), on a copy.
+            updates = [working_copy(grads, g.maximize) for g, _, _, grads in work]
+            flat_params = [p for _, _, params, _ in work for p in params]
+            members = [p for group in param_groups for p in group["params"]]
+            clipped = self.clip_layout.run(
+                store, flat_params, [u for us in updates for u in us], Replicated(store, members), PLAIN
+            )
+            updates = split_like(clipped, updates)
+            owned = True
+        for i, (g, group, params, grads) in enumerate(work):
+            start = updates[i] if owned else g.updates(grads)
+            g.layout.run(
+                store,
+                params,
+                start,
+                Replicated(store, group["params"]),
+                StepContext(group),
+                apply=True,
+                step_on_device=g.step_on_device,
+            )

@@ -1,0 +1,137 @@
+"""Clipping by p-norm, global or per tensor: torch's ``clip_grad_norm_`` rule as a transform."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...core.gate import commit_select
+from ...core.norms import check_norm_type, clip_coefficient, scale_, tensor_norms, total_norm
+from ...core.tensorlist import Scalar
+from ...core.transform import PLAIN, Transform
+from ...core.validate import check_range
+from .common import ClipState, fraction_of, new_fraction
+
+__all__ = ["SCOPES", "ClipByNorm", "clip_by_norm", "clip_to_limit", "norm_clip_update"]
+
+SCOPES = ("global", "tensor")
+
+
+def norm_clip_update(
+    updates: list[Tensor],
+    *,
+    max_norm: Scalar,
+    norm_type: float = 2.0,
+    scope: str = "global",
+    norm: Tensor | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """Clipping by p-norm, in place on ``updates``: torch's ``clip_grad_norm_`` rule.
+
+    .. math::
+        n = \\|u\\|_p,\\qquad c = \\min\\Big(1, \\frac{\\text{max\\_norm}}{n + 10^{-6}}\\Big),
+        \\qquad u \\leftarrow c\\,u
+
+    with ``n`` the norm of all updates together (``scope="global"``) or of each tensor alone
+    (``scope="tensor"``). Norms and coefficients are computed in float32 or wider
+    (:mod:`steadygrad.core.norms`); float16/bfloat16 updates are scaled in float32.
+
+    Args:
+        norm: ``scope="global"`` only: the global norm if the caller already has it, else it is
+            computed here.
+
+    Returns:
+        ``(updates, fraction)``: the fraction of norms (1 for global) whose coefficient is
+        below 1.
+    """
+    if scope == "global":
+        n = total_norm(updates, norm_type) if norm is None else norm
+        coef = clip_coefficient(n, max_norm)
+        scale_(updates, coef)
+        return updates, (coef < 1).to(torch.float32)
+    if scope != "tensor":
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    coefs = [clip_coefficient(n, max_norm) for n in tensor_norms(updates, norm_type)]
+    for u, c in zip(updates, coefs):
+        scale_([u], c)
+    return updates, fraction_of([c < 1 for c in coefs], len(coefs))
+
+
+def clip_to_limit(updates: list[Tensor], norm: Tensor, limit: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Clips ``updates`` (global L2 norm ``norm``) to the tensor ``limit`` in place with torch's
+    coefficient (ZClip's and AutoClip's last step); returns them and the fraction clipped (0/1).
+    A non-finite norm leaves them unchanged: the coefficient is then computed from norm 0 and
+    limit inf, i.e. exactly 1."""
+    finite = torch.isfinite(norm)
+    safe_norm = torch.where(finite, norm, torch.zeros_like(norm))
+    safe_limit = torch.where(finite, limit, torch.full_like(limit, math.inf))
+    return norm_clip_update(updates, max_norm=safe_limit, norm=safe_norm)
+
+
+@dataclass(frozen=True)
+class ClipByNorm(Transform):
+    """Clipping by p-norm; see :func:`clip_by_norm`."""
+
+    max_norm: Any
+    norm_type: float = 2.0
+    scope: str = "global"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_norm", check_range("max_norm", self.max_norm, low_open=True, finite=False))
+        object.__setattr__(self, "norm_type", check_norm_type(self.norm_type))
+        if self.scope not in SCOPES:
+            raise ValueError(f"Invalid scope value: {self.scope!r}; scope must be one of {SCOPES}")
+
+    @property
+    def structure(self) -> str:  # type: ignore[override]
+        return "elements" if self.scope == "global" else "tensors"
+
+    def init(self, params: Sequence[Tensor]) -> ClipState:
+        return ClipState(fraction_clipped=new_fraction(params))
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        norm = ctx.norm if self.scope == "global" and self.norm_type == 2.0 else None
+        updates, fraction = norm_clip_update(
+            updates, max_norm=ctx.value(self.max_norm), norm_type=self.norm_type, scope=self.scope, norm=norm
+        )
+        return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
+
+
+def clip_by_norm(max_norm: float | Tensor, norm_type: float = 2.0, scope: str = "global") -> ClipByNorm:
+    """Rescales the updates whose p-norm exceeds ``max_norm`` (Pascanu et al., 2013).
+
+    .. math::
+        n = \\|u\\|_p,\\qquad u \\leftarrow u \\cdot \\min\\Big(1,
+        \\frac{\\text{max\\_norm}}{n + 10^{-6}}\\Big)
+
+    ``scope="global"``: ``n`` is the norm of all the updates as one vector (one coefficient for
+    all of them); ``scope="tensor"``: each tensor is clipped by its own norm (this needs the
+    tensor structure: it is not the same on a flat buffer). ``p`` is any number ``> 0`` or
+    ``inf`` (max-abs). After clipping, the norm is ``max_norm·n/(n + 1e-6)``, i.e. ``max_norm``
+    up to a relative ``1e-6/n``.
+
+    ``fraction_clipped``: global scope 1.0 if the step was clipped (coefficient below 1) else
+    0.0; tensor scope the fraction of tensors clipped.
+
+    Args:
+        max_norm: the largest norm allowed (``> 0``; a number or a 0-d tensor).
+        norm_type: ``p`` (a number ``> 0``, ``inf`` or ``"inf"``).
+        scope: ``"global"`` or ``"tensor"``.
+
+    Raises:
+        ValueError: ``max_norm <= 0`` or NaN, a bad ``norm_type`` or an unknown ``scope``.
+
+    Differences: ``scope="global"`` equals ``torch.nn.utils.clip_grad_norm_`` (torch's
+    ``+1e-6`` and its multiplication by a coefficient of exactly 1 when nothing is clipped),
+    except that norms accumulate in float32 or wider. optax's ``clip_by_global_norm`` has no
+    ``1e-6`` (it scales by ``max_norm/n``) and is L2 only. torch and timm have no per-tensor
+    scope (one calls ``clip_grad_norm_`` per tensor, which ``scope="tensor"`` equals); optax's
+    ``clip_by_block_rms`` bounds each tensor's RMS instead (:func:`clip_update_rms`). For a norm
+    global across ranks (FSDP shards) use :func:`steadygrad.clip_grad_norm_` with
+    ``process_group``.
+    """
+    return ClipByNorm(max_norm, norm_type, scope)
