@@ -57,8 +57,15 @@ def test_in_place_rule_what_a_chain_writes_and_what_it_reads():
     given = updates[0].clone()
     out, _ = t.update(updates, t.init(params), params)
     assert out[0] is not updates[0] and torch.equal(updates[0], given)
-    # a chain that starts by writing (coupled weight decay, moment clipping) says so
-    assert sg.chain(sg.add_decayed_weights(0.1), sg.scale_by_adam()).writes_updates
+    # coupled weight decay and norm clipping work out of place on updates that are not writable
+    for first in (sg.add_decayed_weights(0.1), sg.clip_by_norm(1e-3)):
+        t = sg.chain(first, sg.scale_by_adam(), sg.scale_by_lr(lr=0.1))
+        assert not t.writes_updates
+        out, _ = t.update(updates, t.init(params), params, StepContext(writable=False))
+        assert torch.equal(updates[0], given)
+        ref, _ = t.update([given.clone()], t.init(params), params)
+        assert torch.equal(out[0], ref[0])
+    # a chain that starts by writing (moment clipping inside Adam) says so
     assert sg.chain(sg.scale_by_adam(moment_clip=5.0), sg.scale_by_lr()).writes_updates
     t = sg.chain(sg.scale(2.0), sg.scale_by_lr(lr=0.1))
     out, _ = t.update(updates, t.init(params), params)
@@ -166,7 +173,10 @@ def test_step_context_resolves_references_and_carries_the_gate_explicitly():
     b1, b2 = ctx.value(Hyper("betas"))
     assert b1.shape == () and b2 == 0.99
     assert ctx.with_gate(None).gate is None and ctx.with_gate(None).norm is None
-    assert ctx.without_norm().gate is g and ctx.without_norm().norm is None
+    given, new = [torch.zeros(1)], [torch.zeros(1)]
+    read_only = StepContext(gate=g, norm=torch.tensor(1.0), writable=False)
+    assert read_only.after(given, given).gate is g and read_only.after(given, given).norm is None
+    assert not read_only.after(given, given).writable and read_only.after(given, new).writable
 
 
 def test_group_by_device_dtype_keeps_first_seen_order():

@@ -43,6 +43,7 @@ __all__ = [
     "check_norm_type",
     "check_threshold",
     "portable_group",
+    "scaled",
     "clip_coefficient",
     "local_shard",
     "norm_dtype",
@@ -322,6 +323,23 @@ def scale_(tensors: Sequence[Tensor], factor: Tensor, *, foreach: bool | None = 
         else:
             for t in group:
                 t.copy_(t.to(wide).mul_(f))
+
+
+@torch.no_grad()
+def scaled(tensors: Sequence[Tensor], factor: Tensor) -> list[Tensor]:
+    """New tensors ``t · factor``, computed as :func:`scale_` computes them (one pass instead of
+    a copy and an in-place scaling)."""
+    tensors = list(tensors)
+    if all(type(t) in _PLAIN_TYPES and t.dtype == wide_dtype(t.dtype) for t in tensors):
+        out: list[Tensor | None] = [None] * len(tensors)
+        for (device, dtype), indices in group_by_device_dtype(tensors).items():
+            f = factor.to(device=device, dtype=norm_dtype(dtype))
+            for i, t in zip(indices, torch._foreach_mul([tensors[i] for i in indices], f)):
+                out[i] = t
+        return out  # type: ignore[return-value]
+    copies = [t.clone() for t in tensors]
+    scale_(copies, factor)
+    return copies
 
 
 # --- helpers ---------------------------------------------------------------------------------

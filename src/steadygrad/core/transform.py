@@ -64,8 +64,10 @@ from torch import Tensor
 __all__ = [
     "STRUCTURES",
     "Chain",
+    "Dense",
     "EmptyState",
     "Hyper",
+    "Quotient",
     "StepContext",
     "Transform",
     "chain",
@@ -110,11 +112,17 @@ class StepContext:
         norm: the global L2 norm of the incoming updates when the caller has already computed it
             (a :class:`steadygrad.Clipper` does, for its statistics), else ``None``. A chain passes
             it to its first transform only.
+        writable: whether the incoming updates belong to the step and may be overwritten (the
+            in-place rule). An optimizer that hands a transform the gradients themselves says
+            ``False``; a transform that can produce its result out of place at no extra cost
+            (norm clipping: a scaled copy; coupled weight decay: ``g + λp``) then does, and
+            declares ``writes_updates = False``.
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
     gate: Tensor | None = None
     norm: Tensor | None = None
+    writable: bool = True
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as
@@ -137,11 +145,15 @@ class StepContext:
     def with_gate(self, gate: Tensor | None) -> StepContext:
         """This context with ``gate`` (already combined with the current one by the caller) and
         without ``norm`` (a gating caller zeroes the updates)."""
-        return StepContext(self.hyper, gate)
+        return StepContext(self.hyper, gate, None, self.writable)
 
-    def without_norm(self) -> StepContext:
-        """This context for transforms that see other updates than the ones ``norm`` measured."""
-        return self if self.norm is None else StepContext(self.hyper, self.gate)
+    def after(self, given: list[Tensor], returned: list[Tensor]) -> StepContext:
+        """The context for the next transform of a chain, which gets ``returned``: no ``norm``
+        (it measured ``given``), and writable unless the updates are still the ones given."""
+        writable = self.writable or not given or returned[0] is not given[0]
+        if self.norm is None and writable == self.writable:
+            return self
+        return StepContext(self.hyper, self.gate, None, writable)
 
 
 #: The context of a step outside any optimizer: no group, always commit.
@@ -150,6 +162,65 @@ PLAIN = StepContext()
 
 class EmptyState(NamedTuple):
     """The state of a stateless transform."""
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _wide(x: Any) -> Any:
+    """A tensor factor in float64 (a float32 lr times a float64 decay loses no digits)."""
+    return x.to(torch.float64) if isinstance(x, Tensor) and x.dtype != torch.float64 else x
+
+
+class Dense(NamedTuple):
+    """Updates as tensors (see :meth:`Transform.update_pending`)."""
+
+    tensors: list[Tensor]
+
+    def materialize(self) -> list[Tensor]:
+        return self.tensors
+
+    def add_to_(self, params: list[Tensor], factor: Any = 1.0) -> None:
+        """``params += factor · u`` (the tensors are read, not written)."""
+        if _is_number(factor):
+            torch._foreach_add_(params, self.tensors, alpha=factor)
+        else:
+            torch._foreach_add_(params, torch._foreach_mul(self.tensors, factor))
+
+
+class Quotient(NamedTuple):
+    """Updates ``u = scale · num / den`` not divided yet, so that adding them to the parameters is
+    one ``addcdiv`` (torch.optim's own last operation). ``scale`` is one number or 0-d tensor, or
+    one per tensor."""
+
+    num: list[Tensor]
+    den: list[Tensor]
+    scale: Any = 1.0
+
+    def _scales(self, factor: Any) -> Any:
+        factor = _wide(factor)
+        if isinstance(self.scale, list):
+            return [factor * s for s in self.scale]
+        return factor * self.scale
+
+    def materialize(self) -> list[Tensor]:
+        u = torch._foreach_div(self.num, self.den)
+        if not (_is_number(self.scale) and self.scale == 1):
+            torch._foreach_mul_(u, self.scale)
+        return u
+
+    def add_to_(self, params: list[Tensor], factor: Any = 1.0) -> None:
+        """``params += factor · u`` in one pass where the factors are numbers."""
+        scales = self._scales(factor)
+        if _is_number(scales):
+            torch._foreach_addcdiv_(params, self.num, self.den, value=scales)
+        elif isinstance(scales, list) and all(map(_is_number, scales)):
+            torch._foreach_addcdiv_(params, self.num, self.den, scales)
+        else:
+            u = torch._foreach_div(self.num, self.den)
+            torch._foreach_mul_(u, scales)
+            torch._foreach_add_(params, u)
 
 
 class Transform:
@@ -164,6 +235,15 @@ class Transform:
             flat buffers. A transform written by hand is ``"tensors"`` unless it says otherwise.
         writes_updates: ``update`` may overwrite the tensors of ``updates`` it is given.
         fresh_updates: ``update`` returns new tensors of its own (not its input, not its state).
+
+    Applying a chain to the parameters (``apply_``)
+        The chain's *linear tail* (stateless transforms ``u ← a·u + b·p``: :func:`scale_by_lr`,
+        :func:`scale`, :func:`add_decayed_weights`, see :meth:`linear`) is folded into the
+        parameter update: with ``u₀`` the updates of the last transform before the tail, the tail
+        gives ``u = A·u₀ + B·p``, so ``p ← p·(1 + B) + A·u₀``, torch's AdamW (``p ← p·(1 − lr·λ)``,
+        then the Adam step). That last transform hands over ``u₀`` unfinished
+        (:meth:`update_pending`): Adam's ``m / den`` as a :class:`Quotient`, added with one
+        ``addcdiv`` as torch.optim does, instead of being divided, scaled and added.
     """
 
     structure: ClassVar[str] = "tensors"
@@ -178,10 +258,22 @@ class Transform:
     ) -> tuple[list[Tensor], Any]:
         raise NotImplementedError
 
+    def update_pending(
+        self, updates: list[Tensor], state: Any, params: Sequence[Tensor] | None = None, ctx: StepContext = PLAIN
+    ) -> tuple[Dense | Quotient, Any]:
+        """``update``, with the updates possibly unfinished (a :class:`Quotient`) or aliasing the
+        state (read-only: they are only added to the parameters)."""
+        updates, state = self.update(updates, state, params, ctx)
+        return Dense(updates), state
+
+    def linear(self, ctx: StepContext = PLAIN) -> tuple[Any, Any] | None:
+        """``(a, b)`` if this transform is ``u ← a·u + b·p`` and stateless, else ``None``."""
+        return None
+
     def apply_(self, params: list[Tensor], updates: list[Tensor], state: Any, ctx: StepContext = PLAIN) -> Any:
         """``update``, then ``params += updates`` in place; returns the new state."""
-        updates, state = self.update(updates, state, params, ctx)
-        torch._foreach_add_(params, updates)
+        pending, state = self.update_pending(updates, state, params, ctx)
+        pending.add_to_(params)
         return state
 
 
@@ -243,23 +335,43 @@ class Chain(Transform):
         self._check(state)
         new_state = []
         for t, s in zip(self.transforms, state):
+            given = updates
             updates, s = t.update(updates, s, params, ctx)
-            ctx = ctx.without_norm()
+            ctx = ctx.after(given, updates)
             new_state.append(s)
         return updates, tuple(new_state)
 
-    def apply_(self, params, updates, state, ctx=PLAIN):
+    def update_pending(self, updates, state, params=None, ctx=PLAIN):
         self._check(state)
         if not self.transforms:
-            torch._foreach_add_(params, updates)
-            return ()
+            return Dense(updates), ()
         new_state = []
         for t, s in zip(self.transforms[:-1], state[:-1]):
+            given = updates
             updates, s = t.update(updates, s, params, ctx)
-            ctx = ctx.without_norm()
+            ctx = ctx.after(given, updates)
             new_state.append(s)
-        new_state.append(self.transforms[-1].apply_(params, updates, state[-1], ctx))
-        return tuple(new_state)
+        pending, s = self.transforms[-1].update_pending(updates, state[-1], params, ctx)
+        return pending, tuple(new_state) + (s,)
+
+    def apply_(self, params, updates, state, ctx=PLAIN):
+        """See :class:`Transform`: the linear tail folded into the parameter update."""
+        self._check(state)
+        tail = len(self.transforms)
+        while tail > 0 and self.transforms[tail - 1].linear(ctx) is not None:
+            tail -= 1
+        if tail == 0:  # nothing but linear transforms: nothing to fold them into
+            return super().apply_(params, updates, state, ctx)
+        head = Chain(self.transforms[:tail])
+        pending, head_state = head.update_pending(updates, state[:tail], params, ctx)
+        a_total, b_total = 1.0, 0.0  # the tail is u ← A·u₀ + B·p
+        for t in self.transforms[tail:]:
+            a, b = (_wide(x) for x in t.linear(ctx))
+            a_total, b_total = a * a_total, a * b_total + b
+        if not (_is_number(b_total) and b_total == 0):
+            torch._foreach_mul_(params, 1 + b_total)
+        pending.add_to_(params, a_total)
+        return head_state + tuple(state[tail:])
 
 
 def chain(*transforms: Transform) -> Chain:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..core.state import Replicated, StateLayout
 from ..core.tensorlist import split_like, working_copy
-from ..core.transform import PLAIN, StepContext, Transform, coarsest_structure
+from ..core.transform import StepContext, Transform, coarsest_structure
 
 __all__ = ["CLIP_NAMESPACE", "GROUP_NAMESPACE", "GroupStep", "StepProgram", "structure_key"]
 
@@ -77,12 +77,18 @@ class GroupStep:
             bool(group.get("capturable", False)),
         )
 
-    def updates(self, grads: list[Tensor]) -> list[Tensor]:
-        """What the chain starts from: the gradients themselves when it writes nothing it is
-        given, else a copy (negated to maximize)."""
-        if self.maximize or self.transform.writes_updates:
-            return working_copy(grads, self.maximize)
-        return grads
+    def updates(self, grads: list[Tensor]) -> tuple[list[Tensor], bool]:
+        """What the chain starts from, and whether it may write it: the gradients themselves when
+        it writes nothing it is given, else a copy (negated to maximize)."""
+        return start(grads, self.maximize, self.transform)
+
+
+def start(grads: list[Tensor], maximize: bool, transform: Transform) -> tuple[list[Tensor], bool]:
+    """The updates a transform starts from: the gradients themselves (not writable) when it
+    writes nothing it is given, as torch.optim reads ``.grad``; else a copy (negated to maximize)."""
+    if maximize or transform.writes_updates:
+        return working_copy(grads, maximize), True
+    return grads, False
 
 
 @dataclass(frozen=True)
@@ -130,25 +136,26 @@ class StepProgram:
             work.append((g, group, params, grads))
         if not work:
             return
-        owned = False
+        clipped = None
         if self.clip_layout is not None:
-            # Once over the gradients of all groups (a global norm is over all of them), on a copy.
-            updates = [working_copy(grads, g.maximize) for g, _, _, grads in work]
+            # Once over the gradients of all groups (a global norm is over all of them); .grad is
+            # left as it is (the clip gets a copy unless it writes nothing it is given).
+            starts = [start(grads, g.maximize, self.clip) for g, _, _, grads in work]
+            flat = [u for us, _ in starts for u in us]
             flat_params = [p for _, _, params, _ in work for p in params]
             members = [p for group in param_groups for p in group["params"]]
-            clipped = self.clip_layout.run(
-                store, flat_params, [u for us in updates for u in us], Replicated(store, members), PLAIN
-            )
-            updates = split_like(clipped, updates)
-            owned = True
+            ctx = StepContext(writable=all(w for _, w in starts))
+            out = self.clip_layout.run(store, flat_params, flat, Replicated(store, members), ctx)
+            writable = ctx.after(flat, out).writable
+            clipped = [(us, writable) for us in split_like(out, [us for us, _ in starts])]
         for i, (g, group, params, grads) in enumerate(work):
-            start = updates[i] if owned else g.updates(grads)
+            updates, writable = clipped[i] if clipped is not None else g.updates(grads)
             g.layout.run(
                 store,
                 params,
-                start,
+                updates,
                 Replicated(store, group["params"]),
-                StepContext(group),
+                StepContext(group, writable=writable),
                 apply=True,
                 step_on_device=g.step_on_device,
             )

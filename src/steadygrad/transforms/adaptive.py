@@ -3,9 +3,11 @@
 Each algorithm is one function on lists of tensors with explicit state (``*_update``), written
 with foreach operations so that it runs unchanged on many tensors or on one flat buffer, and one
 transform class around it with a factory function (``scale_by_*``). The functions update the
-state in place and return the updates as *new* tensors: they read the incoming updates and write
-them only with ``moment_clip`` (the clipped gradient), so an optimizer hands them its gradients
-without a copy, as torch.optim does (``writes_updates``).
+state in place and return the updates as a :class:`~steadygrad.core.transform.Quotient`
+``scale · num / den`` that ``update`` divides and an optimizer adds to its parameters with one
+``addcdiv`` (torch.optim's last operation). They read the incoming updates and write them only
+with ``moment_clip`` (the clipped gradient), so an optimizer hands them its gradients without a
+copy, as torch.optim does (``writes_updates``).
 
 The commit gate
     Each ``*_update`` takes ``gate`` (see :mod:`steadygrad.core.gate`): ``None`` commits; a 0-d
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from ..core.gate import advance_, commit_select, ema_, ema_square_, gate_open_per_tensor
 from ..core.tensorlist import Scalar, addcmul_, bias_correction, host_steps, new_steps, zeros_like
-from ..core.transform import PLAIN, Transform
+from ..core.transform import PLAIN, Quotient, Transform
 from ..core.validate import check_betas, check_bool, check_range
 from .clipping.common import new_fraction
 from .clipping.moment import moment_clip_
@@ -99,8 +101,8 @@ def rss_update(
     lr_decay: Scalar,
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
-) -> list[Tensor]:
-    """Adagrad's scaling: updates ``sums`` and ``steps`` in place, returns new updates.
+) -> Quotient:
+    """Adagrad's scaling: updates ``sums`` and ``steps`` in place, returns the updates.
 
     .. math::
         t \\leftarrow t + 1,\\quad s \\leftarrow s + g^2,\\quad
@@ -109,13 +111,12 @@ def rss_update(
     advance_(steps, gate)
     addcmul_(sums, grads, grads, gate_open_per_tensor(gate, sums))
     den = _denominator(sums, eps, eps_in_sqrt)
-    if isinstance(lr_decay, Tensor) or lr_decay != 0:
-        counts = None if isinstance(lr_decay, Tensor) else host_steps(steps)
-        if counts is not None:
-            torch._foreach_mul_(den, [(t - 1) * lr_decay + 1 for t in counts])
-        else:
-            torch._foreach_mul_(den, [(s.to(torch.float64) - 1) * lr_decay + 1 for s in steps])
-    return torch._foreach_div(grads, den)
+    if not isinstance(lr_decay, Tensor) and lr_decay == 0:
+        return Quotient(grads, den)
+    counts = None if isinstance(lr_decay, Tensor) else host_steps(steps)
+    if counts is not None:
+        return Quotient(grads, den, [1 / ((t - 1) * lr_decay + 1) for t in counts])
+    return Quotient(grads, den, [1 / ((s.to(torch.float64) - 1) * lr_decay + 1) for s in steps])
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,11 @@ class ScaleByRss(Transform):
         return ScaleByRssState(step=new_steps(params), sum=zeros_like(params, float(self.initial_accumulator_value)))
 
     def update(self, updates, state, params=None, ctx=PLAIN):
-        updates = rss_update(
+        pending, state = self.update_pending(updates, state, params, ctx)
+        return pending.materialize(), state
+
+    def update_pending(self, updates, state, params=None, ctx=PLAIN):
+        pending = rss_update(
             updates,
             state.sum,
             state.step,
@@ -149,7 +154,7 @@ class ScaleByRss(Transform):
             eps_in_sqrt=self.eps_in_sqrt,
             gate=ctx.gate,
         )
-        return updates, state
+        return pending, state
 
 
 def scale_by_rss(
@@ -207,8 +212,8 @@ def rms_update(
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
-) -> tuple[list[Tensor], Tensor | None]:
-    """RMSProp's scaling: updates the state in place, returns new updates; centered iff
+) -> tuple[Quotient, Tensor | None]:
+    """RMSProp's scaling: updates the state in place, returns the updates; centered iff
     ``grad_avg`` is given.
 
     .. math::
@@ -238,7 +243,7 @@ def rms_update(
         den = v
     else:
         den = _denominator(square_avg, eps, eps_in_sqrt)
-    return torch._foreach_div(grads, den), fraction
+    return Quotient(grads, den), fraction
 
 
 @dataclass(frozen=True)
@@ -274,10 +279,14 @@ class ScaleByRms(Transform):
         )
 
     def update(self, updates, state, params=None, ctx=PLAIN):
+        pending, state = self.update_pending(updates, state, params, ctx)
+        return pending.materialize(), state
+
+    def update_pending(self, updates, state, params=None, ctx=PLAIN):
         if self.centered and state.grad_avg is None:
             raise ValueError("scale_by_rms(centered=True) got a state without grad_avg")
         gate = ctx.gate
-        updates, fraction = rms_update(
+        pending, fraction = rms_update(
             updates,
             state.square_avg,
             state.grad_avg if self.centered else None,
@@ -290,7 +299,7 @@ class ScaleByRms(Transform):
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
-        return updates, state
+        return pending, state
 
 
 def scale_by_rms(
@@ -343,26 +352,25 @@ class ScaleByAdamState(NamedTuple):
     moment_clip_fraction: Tensor | None = None
 
 
-def _adam_denominator(
-    second: list[Tensor], bc1: list[Any], bc2: list[Any], eps: Scalar, eps_in_sqrt: bool
-) -> list[Tensor]:
-    """A new list ``(1−β1^t)·(sqrt(v/(1−β2^t)) + eps)`` (or ``sqrt(v/(1−β2^t) + eps)``): the
-    first moment divided by it is Adam's update. The first bias correction goes into the same
-    passes as the second (torch folds it into the step size instead)."""
+def _adam_quotient(
+    exp_avg: list[Tensor], second: list[Tensor], bc1: list[Any], bc2: list[Any], eps: Scalar, eps_in_sqrt: bool
+) -> Quotient:
+    """Adam's update ``m/(1−β1^t) / (sqrt(v/(1−β2^t)) + eps)`` as the quotient
+    ``sqrt(1−β2^t)/(1−β1^t) · m / (sqrt(v) + eps·sqrt(1−β2^t))``: the second bias correction moves
+    into the numerator's factor, which saves a pass over ``v`` (with ``eps_in_sqrt``:
+    ``1/(1−β1^t) · m / sqrt(v/(1−β2^t) + eps)``)."""
     if eps_in_sqrt:
         den = torch._foreach_div(second, bc2)
         torch._foreach_add_(den, eps)
         torch._foreach_sqrt_(den)
-        torch._foreach_mul_(den, bc1)
-        return den
+        return Quotient(exp_avg, den, [1 / b1 for b1 in bc1])
     if not bc1 or isinstance(bc1[0], float):
-        scales = [b1 / math.sqrt(b2) for b1, b2 in zip(bc1, bc2)]
+        roots = [math.sqrt(b2) for b2 in bc2]
     else:
-        scales = [b1 / b2.sqrt() for b1, b2 in zip(bc1, bc2)]
+        roots = [b2.sqrt() for b2 in bc2]
     den = torch._foreach_sqrt(second)
-    torch._foreach_mul_(den, scales)
-    torch._foreach_add_(den, [b1 * eps for b1 in bc1])
-    return den
+    torch._foreach_add_(den, [eps * r for r in roots])
+    return Quotient(exp_avg, den, [r / b1 for r, b1 in zip(roots, bc1)])
 
 
 def adam_update(
@@ -378,8 +386,8 @@ def adam_update(
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
-) -> tuple[list[Tensor], Tensor | None]:
-    """Adam's scaling: updates the state in place, returns new updates; amsgrad iff
+) -> tuple[Quotient, Tensor | None]:
+    """Adam's scaling: updates the state in place, returns the updates; amsgrad iff
     ``max_exp_avg_sq`` is given.
 
     .. math::
@@ -408,7 +416,7 @@ def adam_update(
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
-    return torch._foreach_div(exp_avg, _adam_denominator(second, bc1, bc2, eps, eps_in_sqrt)), fraction
+    return _adam_quotient(exp_avg, second, bc1, bc2, eps, eps_in_sqrt), fraction
 
 
 @dataclass(frozen=True)
@@ -445,11 +453,15 @@ class ScaleByAdam(Transform):
         )
 
     def update(self, updates, state, params=None, ctx=PLAIN):
+        pending, state = self.update_pending(updates, state, params, ctx)
+        return pending.materialize(), state
+
+    def update_pending(self, updates, state, params=None, ctx=PLAIN):
         if self.amsgrad and state.max_exp_avg_sq is None:
             raise ValueError("scale_by_adam(amsgrad=True) got a state without max_exp_avg_sq")
         gate = ctx.gate
         beta1, beta2 = ctx.value(self.betas)
-        updates, fraction = adam_update(
+        pending, fraction = adam_update(
             updates,
             state.exp_avg,
             state.exp_avg_sq,
@@ -464,7 +476,7 @@ class ScaleByAdam(Transform):
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
-        return updates, state
+        return pending, state
 
 
 def scale_by_adam(

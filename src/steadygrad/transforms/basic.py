@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core.gate import gate_ema_per_tensor, gate_open_per_tensor
 from ..core.tensorlist import zeros_like
-from ..core.transform import PLAIN, EmptyState, Hyper, Transform
+from ..core.transform import PLAIN, Dense, EmptyState, Hyper, Transform
 from ..core.validate import check_bool, check_range
 
 __all__ = [
@@ -48,7 +48,7 @@ class Trace(Transform):
     def init(self, params: Sequence[Tensor]) -> TraceState:
         return TraceState(momentum_buffer=zeros_like(params))
 
-    def update(self, updates, state, params=None, ctx=PLAIN):
+    def _advance(self, updates: list[Tensor], state: TraceState, ctx: Any) -> tuple[list[Tensor], Any]:
         momentum = ctx.value(self.momentum)
         buf = state.momentum_buffer
         gate = ctx.gate
@@ -56,11 +56,21 @@ class Trace(Transform):
         torch._foreach_add_(
             buf, updates if gate is None else torch._foreach_mul(updates, gate_open_per_tensor(gate, buf))
         )
+        return buf, momentum
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        buf, momentum = self._advance(updates, state, ctx)
         if self.nesterov:
             torch._foreach_add_(updates, torch._foreach_mul(buf, momentum))
         else:
             torch._foreach_copy_(updates, buf)
         return updates, state
+
+    def update_pending(self, updates, state, params=None, ctx=PLAIN):
+        if self.nesterov:
+            return super().update_pending(updates, state, params, ctx)
+        buf, _ = self._advance(updates, state, ctx)
+        return Dense(list(buf)), state  # read-only: added to the parameters, no copy
 
 
 def trace(momentum: float | Tensor | Hyper, nesterov: bool = False) -> Trace:
@@ -87,6 +97,7 @@ class AddDecayedWeights(Transform):
 
     weight_decay: Any
     structure: ClassVar[str] = "elements"
+    writes_updates: ClassVar[bool] = False  # out of place when the updates are not writable
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_decay", check_range("weight_decay", self.weight_decay))
@@ -99,10 +110,18 @@ class AddDecayedWeights(Transform):
             raise ValueError("add_decayed_weights needs the parameters: update(updates, state, params)")
         weight_decay = ctx.value(self.weight_decay)
         if isinstance(weight_decay, Tensor):
-            torch._foreach_add_(updates, torch._foreach_mul(list(params), weight_decay))
+            decay = torch._foreach_mul(list(params), weight_decay)
+            if not ctx.writable:
+                return torch._foreach_add(updates, decay), state
+            torch._foreach_add_(updates, decay)
         elif weight_decay != 0:
+            if not ctx.writable:  # torch's coupled weight decay: g + λp, the gradients untouched
+                return torch._foreach_add(updates, list(params), alpha=weight_decay), state
             torch._foreach_add_(updates, list(params), alpha=weight_decay)
         return updates, state
+
+    def linear(self, ctx=PLAIN):
+        return 1.0, ctx.value(self.weight_decay)
 
 
 def add_decayed_weights(weight_decay: float | Tensor | Hyper) -> AddDecayedWeights:
@@ -141,6 +160,9 @@ class Scale(Transform):
         torch._foreach_mul_(updates, ctx.value(self.factor))
         return updates, state
 
+    def linear(self, ctx=PLAIN):
+        return ctx.value(self.factor), 0.0
+
 
 def scale(factor: float | Tensor | Hyper) -> Scale:
     """Multiplies the updates by a constant: :math:`u \\leftarrow c\\,u` (``c`` finite)."""
@@ -164,15 +186,8 @@ class ScaleByLr(Transform):
         torch._foreach_mul_(updates, -ctx.value(self.lr))
         return updates, state
 
-    def apply_(self, params, updates, state, ctx=PLAIN):
-        """``p ← p − lr·u`` in one operation (a number ``lr``)."""
-        lr = ctx.value(self.lr)
-        if isinstance(lr, Tensor):
-            torch._foreach_mul_(updates, -lr)
-            torch._foreach_add_(params, updates)
-        else:
-            torch._foreach_add_(params, updates, alpha=-lr)
-        return state
+    def linear(self, ctx=PLAIN):
+        return -ctx.value(self.lr), 0.0
 
 
 def scale_by_lr(lr: float | Tensor | Hyper | None = None) -> ScaleByLr:

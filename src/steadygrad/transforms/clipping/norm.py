@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ...core.gate import commit_select
-from ...core.norms import check_norm_type, clip_coefficient, scale_, tensor_norms, total_norm
+from ...core.norms import check_norm_type, clip_coefficient, scale_, scaled, tensor_norms, total_norm
 from ...core.tensorlist import Scalar
 from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
@@ -29,8 +29,9 @@ def norm_clip_update(
     norm_type: float = 2.0,
     scope: str = "global",
     norm: Tensor | None = None,
+    inplace: bool = True,
 ) -> tuple[list[Tensor], Tensor]:
-    """Clipping by p-norm, in place on ``updates``: torch's ``clip_grad_norm_`` rule.
+    """Clipping by p-norm: torch's ``clip_grad_norm_`` rule.
 
     .. math::
         n = \\|u\\|_p,\\qquad c = \\min\\Big(1, \\frac{\\text{max\\_norm}}{n + 10^{-6}}\\Big),
@@ -43,6 +44,7 @@ def norm_clip_update(
     Args:
         norm: ``scope="global"`` only: the global norm if the caller already has it, else it is
             computed here.
+        inplace: scale ``updates`` in place (else return scaled copies; ``scope="global"``).
 
     Returns:
         ``(updates, fraction)``: the fraction of norms (1 for global) whose coefficient is
@@ -51,7 +53,10 @@ def norm_clip_update(
     if scope == "global":
         n = total_norm(updates, norm_type) if norm is None else norm
         coef = clip_coefficient(n, max_norm)
-        scale_(updates, coef)
+        if not inplace:
+            updates = scaled(updates, coef)
+        else:
+            scale_(updates, coef)
         return updates, (coef < 1).to(torch.float32)
     if scope != "tensor":
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -79,6 +84,7 @@ class ClipByNorm(Transform):
     max_norm: Any
     norm_type: float = 2.0
     scope: str = "global"
+    writes_updates: ClassVar[bool] = False  # a scaled copy when the updates are not writable
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_norm", check_range("max_norm", self.max_norm, low_open=True, finite=False))
@@ -95,8 +101,15 @@ class ClipByNorm(Transform):
 
     def update(self, updates, state, params=None, ctx=PLAIN):
         norm = ctx.norm if self.scope == "global" and self.norm_type == 2.0 else None
+        if self.scope != "global" and not ctx.writable:
+            updates = [u.clone() for u in updates]
         updates, fraction = norm_clip_update(
-            updates, max_norm=ctx.value(self.max_norm), norm_type=self.norm_type, scope=self.scope, norm=norm
+            updates,
+            max_norm=ctx.value(self.max_norm),
+            norm_type=self.norm_type,
+            scope=self.scope,
+            norm=norm,
+            inplace=ctx.writable or self.scope != "global",
         )
         return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 
