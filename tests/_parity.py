@@ -26,7 +26,7 @@ def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
-def loss_fn(params: list[torch.Tensor], step: int) -> torch.Tensor:
+def loss_fn(params: list[torch.Tensor], step: int, all_grads: bool = False) -> torch.Tensor:
     w1, b1, w2, b2, extra, empty = params
     g = torch.Generator().manual_seed(1000 + step)
     dtype = b1.dtype
@@ -37,21 +37,21 @@ def loss_fn(params: list[torch.Tensor], step: int) -> torch.Tensor:
         h = torch.tanh(x @ w1.T + b1)
     out = h @ w2.T + b2
     loss = ((out - 1) ** 2).mean() + empty.sum()
-    if step % 3 != 1:  # `extra` has no gradient on every third step
+    if all_grads or step % 3 != 1:  # `extra` has no gradient on every third step
         e = extra.abs() ** 2 if extra.is_complex() else extra**2
         loss = loss + 0.5 * e.sum() + extra.real.sum() * 0.1
     return loss
 
 
-def train_step(params, opt, step: int) -> None:
+def train_step(params, opt, step: int, all_grads: bool = False) -> None:
     opt.zero_grad()
-    loss_fn(params, step).backward()
+    loss_fn(params, step, all_grads).backward()
     opt.step()
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |b| (0 for empty tensors or two zero tensors)."""
-    if a.numel() == 0:
+    if a.numel() == 0 or (a.dtype == b.dtype and torch.equal(a, b)):  # equal infinities too
         return 0.0
     scale = b.abs().max().item()
     diff = (a.to(b.dtype) - b).abs().max().item()

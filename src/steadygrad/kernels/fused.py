@@ -146,20 +146,26 @@ class FusedExecutor:
         self.disabled = None
         self._plans.clear()
 
-    def _hyper(self, group: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-        hyper, tensors = {}, {}
+    @staticmethod
+    def _hyper(group: dict[str, Any], tensors: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The group for the compiled step: its numbers as 0-d float64 tensors, taken from (or
+        added to) ``tensors``, which keeps one tensor per option for the executor's life (a plan
+        compiled earlier goes on reading the same tensors)."""
+        hyper = {}
         for key, value in group.items():
             if key == "params":
                 continue
             if _is_scalar(value) and not isinstance(value, bool):
-                t = torch.zeros((), dtype=torch.float64, device=device)
-                hyper[key] = tensors[key] = t
+                if not isinstance(tensors.get(key), Tensor):
+                    tensors[key] = torch.zeros((), dtype=torch.float64, device=device)
+                hyper[key] = tensors[key]
             elif isinstance(value, tuple) and value and all(_is_scalar(v) for v in value):
-                t = tuple(torch.zeros((), dtype=torch.float64, device=device) for _ in value)
-                hyper[key] = tensors[key] = t
+                if not (isinstance(tensors.get(key), tuple) and len(tensors[key]) == len(value)):
+                    tensors[key] = tuple(torch.zeros((), dtype=torch.float64, device=device) for _ in value)
+                hyper[key] = tensors[key]
             else:
                 hyper[key] = value
-        return hyper, tensors
+        return hyper
 
     def _build(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> str | None:
         groups = []
@@ -174,7 +180,8 @@ class FusedExecutor:
             devices = {p.device for p in params}
             if len(devices) != 1:
                 return "a parameter group on several devices"
-            hyper, tensors = self._hyper(group, params[0].device)
+            tensors: dict[str, Any] = {}
+            hyper = self._hyper(group, tensors, params[0].device)
             self._refresh(group, tensors)
             keys = self._keys(program, index, param_groups, params, store)
             flats = []
@@ -212,7 +219,13 @@ class FusedExecutor:
         """Copies the group's current hyperparameters into their 0-d tensors (no host sync)."""
         with torch.no_grad():
             for key, t in tensors.items():
-                value = group[key]
+                value = group.get(key)
+                if (
+                    value is None
+                    or isinstance(value, bool)
+                    or not (_is_scalar(value) or (isinstance(value, tuple) and all(_is_scalar(v) for v in value)))
+                ):
+                    continue  # an option that is no number now (moment_clip back to None)
                 for ti, vi in zip(t, value) if isinstance(t, tuple) else [(t, value)]:
                     if isinstance(vi, Tensor):
                         ti.copy_(vi.reshape(()))
@@ -234,10 +247,16 @@ class FusedExecutor:
         ``False`` if this step must take the reference path."""
         if self.disabled:
             return False
-        if self.groups is not None and program.key != self._program_key and _layout(program) != self._layout:
-            # A structural edit that adds per-parameter state (amsgrad, centered, ...): the
-            # buffers are laid out again from the current per-parameter tensors.
-            self.invalidate()
+        if self.groups is not None and program.key != self._program_key:
+            if _layout(program) != self._layout:
+                # A structural edit that adds per-parameter state (amsgrad, centered, ...): the
+                # buffers are laid out again from the current per-parameter tensors.
+                self.invalidate()
+            else:  # shared state the new program adds (moment_clip None -> k)
+                for g in self.groups:
+                    params = [p for f in g.flats for p in f.params]
+                    self._keys(program, g.index, param_groups, params, store)
+                self._program_key = program.key
         if self.groups is None:
             reason = self._build(program, param_groups, store)
             if reason:
@@ -283,7 +302,12 @@ class FusedExecutor:
     def _plan(self, program: Any, param_groups: list[dict[str, Any]]) -> _Plan:
         plan = self._plans.get(program.key)
         if plan is None:
-            hypers = [_specialized(g.hyper, param_groups[g.index]) for g in self.groups]
+            hypers = []
+            for g in self.groups:
+                group = param_groups[g.index]
+                g.hyper = self._hyper(group, g.tensors, g.flats[0].param_buf.device)
+                self._refresh(group, g.tensors)
+                hypers.append(_specialized(g.hyper, group))
             fn = _step_function(program, [g.index for g in self.groups], hypers)
             kernel = _compile(fn) if compile_enabled() else fn
             plan = _Plan(_with_fallback(kernel, fn, self._warn), program)
