@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from .tensorlist import group_by_device_dtype
+from .validate import check_range
 
 __all__ = [
     "CLIP_EPS",
@@ -99,24 +100,16 @@ def check_norm_type(norm_type: Any) -> float:
 
 
 def check_threshold(value: Any, name: str) -> float:
-    """Validates a clipping threshold (``max_norm``, ``clip_value``) and returns it as a float.
-
-    A real number ``> 0`` (``inf`` allowed: nothing is clipped) or a 0-d tensor holding one; a
-    tensor is read on the host (a device sync for accelerator tensors, as torch's ``float()``).
+    """Validates a clipping threshold (``max_norm``, ``clip_value``) and returns it as a float:
+    a number ``> 0`` (``inf`` allowed: nothing is clipped) or a 1-element tensor holding one (read
+    on the host, a device sync for accelerator tensors, as torch's ``float()``). The one range
+    checker, :func:`steadygrad.core.validate.check_range`, decides.
 
     Raises:
-        ValueError: ``value`` is ``<= 0``, NaN, a boolean, or not a number; the message names
-            ``name``.
+        ValueError: ``value`` is ``<= 0`` or NaN; the message names ``name``.
+        TypeError: ``value`` is not a number or a 1-element tensor.
     """
-    number: float | None = None
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        if value.dtype != torch.bool:
-            number = float(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
-    if number is None or math.isnan(number) or number <= 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    return number
+    return float(check_range(name, value, low_open=True, finite=False))
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -50,7 +50,10 @@ def _number(name: str, value: Any, group: int | None) -> float:
             )
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}{_where(group)}")
+        raise ValueError(
+            f"Invalid {_TORCH_NAMES.get(name, name + ' value')}: {value!r}; {name} must be a number or a "
+            f"1-element tensor{_where(group)}"
+        )
     return float(value)
 
 
@@ -69,14 +72,16 @@ def check_range(
     1-element tensor reshaped to 0-d. ``Hyper`` references pass unchecked.
 
     Raises:
-        ValueError: out of range or NaN (and infinite unless ``finite=False``), naming the option,
-            the value and the group.
-        TypeError: not a number or a 1-element tensor.
+        ValueError: out of range or NaN (and infinite unless ``finite=False``), or not a number
+            or a 1-element tensor, naming the option, the value and the group.
     """
     if isinstance(value, Hyper):
         return value
     v = _number(name, value, group)
-    ok = (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    below_high = v < high if high_open else v <= high
+    if not finite and v == math.inf == high:
+        below_high = True  # an infinite threshold: nothing is clipped
+    ok = (low < v if low_open else low <= v) and below_high
     if not ok or math.isnan(v) or (finite and math.isinf(v)):
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
