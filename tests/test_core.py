@@ -49,14 +49,18 @@ def test_in_place_rule_params_are_read_only_and_results_are_what_is_returned(nam
 
 def test_in_place_rule_what_a_chain_writes_and_what_it_reads():
     """torch-style memory: Adam reads the gradients it is given and returns new updates, which
-    the rest of the chain writes in place; so an optimizer passes .grad without a copy."""
+    the rest of the chain writes in place; so an optimizer passes .grad without a copy (as
+    updates that are not writable). Updates the step owns (writable, the default) Adam may use
+    as scratch once its moments are updated; the result is the same."""
     params = [torch.randn(5, dtype=torch.float64)]
     t = sg.chain(sg.scale_by_adam(), sg.add_decayed_weights(0.1), sg.scale_by_lr(lr=0.1))
     assert not t.writes_updates and t.fresh_updates
     updates = [torch.randn(5, dtype=torch.float64)]
     given = updates[0].clone()
-    out, _ = t.update(updates, t.init(params), params)
+    out, _ = t.update(updates, t.init(params), params, StepContext(writable=False))
     assert out[0] is not updates[0] and torch.equal(updates[0], given)
+    owned, _ = t.update([given.clone()], t.init(params), params)
+    assert torch.equal(owned[0], out[0])
     # coupled weight decay and norm clipping work out of place on updates that are not writable
     for first in (sg.add_decayed_weights(0.1), sg.clip_by_norm(1e-3)):
         t = sg.chain(first, sg.scale_by_adam(), sg.scale_by_lr(lr=0.1))

@@ -352,13 +352,28 @@ class ScaleByAdamState(NamedTuple):
     moment_clip_fraction: Tensor | None = None
 
 
+def _sqrt_of(values: list[Tensor], scratch: list[Tensor] | None) -> list[Tensor]:
+    """``sqrt(values)``, in ``scratch`` when given (a buffer the step owns and no longer needs)."""
+    if scratch is None:
+        return torch._foreach_sqrt(values)
+    torch._foreach_copy_(scratch, values)
+    torch._foreach_sqrt_(scratch)
+    return scratch
+
+
 def _adam_quotient(
-    exp_avg: list[Tensor], second: list[Tensor], bc1: list[Any], bc2: list[Any], eps: Scalar, eps_in_sqrt: bool
+    exp_avg: list[Tensor],
+    second: list[Tensor],
+    bc1: list[Any],
+    bc2: list[Any],
+    eps: Scalar,
+    eps_in_sqrt: bool,
+    scratch: list[Tensor] | None = None,
 ) -> Quotient:
     """Adam's update ``m/(1−β1^t) / (sqrt(v/(1−β2^t)) + eps)`` as the quotient
     ``sqrt(1−β2^t)/(1−β1^t) · m / (sqrt(v) + eps·sqrt(1−β2^t))``: the second bias correction moves
     into the numerator's factor, which saves a pass over ``v`` (with ``eps_in_sqrt``:
-    ``1/(1−β1^t) · m / sqrt(v/(1−β2^t) + eps)``)."""
+    ``1/(1−β1^t) · m / sqrt(v/(1−β2^t) + eps)``). The denominator goes into ``scratch`` if given."""
     if eps_in_sqrt:
         den = torch._foreach_div(second, bc2)
         torch._foreach_add_(den, eps)
@@ -368,7 +383,7 @@ def _adam_quotient(
         roots = [math.sqrt(b2) for b2 in bc2]
     else:
         roots = [b2.sqrt() for b2 in bc2]
-    den = torch._foreach_sqrt(second)
+    den = _sqrt_of(second, scratch)
     torch._foreach_add_(den, [eps * r for r in roots])
     return Quotient(exp_avg, den, [r / b1 for r, b1 in zip(roots, bc1)])
 
@@ -386,9 +401,11 @@ def adam_update(
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
+    scratch: bool = False,
 ) -> tuple[Quotient, Tensor | None]:
     """Adam's scaling: updates the state in place, returns the updates; amsgrad iff
-    ``max_exp_avg_sq`` is given.
+    ``max_exp_avg_sq`` is given. With ``scratch``, ``grads`` (owned by the caller, dead once the
+    moments are updated) hold the denominator.
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
@@ -416,7 +433,7 @@ def adam_update(
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
-    return _adam_quotient(exp_avg, second, bc1, bc2, eps, eps_in_sqrt), fraction
+    return _adam_quotient(exp_avg, second, bc1, bc2, eps, eps_in_sqrt, grads if scratch else None), fraction
 
 
 @dataclass(frozen=True)
@@ -473,10 +490,19 @@ class ScaleByAdam(Transform):
             eps_in_sqrt=self.eps_in_sqrt,
             gate=gate,
             moment_clip=ctx.value(self.moment_clip),
+            scratch=_reuse(updates, ctx),
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
         return pending, state
+
+
+def _reuse(updates: list[Tensor], ctx: Any) -> bool:
+    """Whether to compute in the incoming updates once they are dead: on the CPU, when the step
+    owns them. A new parameter-sized buffer costs page faults there at every step (the allocator
+    returns large blocks to the system), more than the copy into the old one; an accelerator's
+    caching allocator makes the new buffer free, and compiled, the buffer never exists."""
+    return ctx.writable and bool(updates) and updates[0].device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def scale_by_adam(
