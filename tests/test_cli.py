@@ -214,7 +214,7 @@ def test_a_nested_clipper_is_the_one_the_optimizer_uses():
         ("adam(lr=1j)", "complex values are not allowed"),
         ("adam(0.1, 0.9, 0.9, 0.9, 0.9, 0.9)", "too many positional arguments"),
         ("adam(lr=0.1", "cannot parse"),
-        ("adam(lr=-1)", "Invalid lr"),
+        ("adam(lr=-1)", "Invalid learning rate: -1.0"),
         ("adam(clip=clip_by_norm(max_norm=-1))", "clip_by_norm(max_norm=-1): "),
         ("__import__('os').system('echo hacked')", "attribute access is not allowed"),
         ("__import__('os')", "unknown optimizer '__import__'"),

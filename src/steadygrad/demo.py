@@ -8,8 +8,8 @@ The experiment (``run_demo(DemoSettings())``; ``steadygrad demo`` runs it and dr
   keeps 360 images for the held-out accuracy; the other 1437 are the training set.
 * **Model and optimizer.** An MLP 64 → 128 → 128 → 10 with ReLUs, cross-entropy, SGD with
   momentum 0.9 and lr 0.05 in mini-batches of 64 drawn epoch by epoch, 1000 steps (about 45
-  epochs). Written as a steadygrad chain so that a skipped step stays on the device:
-  ``Transformed(params, skip_nonfinite(chain(trace(0.9), scale_by_lr())))`` is torch's SGD.
+  epochs), written as a steadygrad chain: ``Transformed(params, chain(trace(0.9), scale_by_lr()))``
+  is torch's SGD.
 * **Corruption.** After a clean start of ``clean_start`` steps, a seeded 1% of the batches come
   from a "broken shard": the pixels are not normalised (0–16 instead of 0–1, ``spike_scale``) and
   the labels are shuffled within the batch. Their gradient norm is two to three orders of
@@ -26,7 +26,8 @@ The experiment (``run_demo(DemoSettings())``; ``steadygrad demo`` runs it and dr
     within ±5·√v̂ of the running second moment of the unclipped gradient);
   - ``zclip``: ``sg.zclip()`` in the Clipper (z-score of the norm against its running mean).
 
-Nothing is read on the host inside the training loop: the per-step statistics (``LOG_FIELDS``)
+One value is read on the host per step: whether the Clipper skipped it (then ``opt.step()`` is
+not called, so the momentum buffer stays as it was). The per-step statistics (``LOG_FIELDS``)
 are stacked as tensors on the device and moved to the CPU once per configuration, at its end. A
 ``progress`` callback, called every ``steps // 40`` steps with the loss tensor, may read it (one
 sync per call). The results are deterministic for a seed (the same numbers on every run on one
@@ -49,9 +50,9 @@ from torch import Tensor
 
 from .clip_grad import clip_grad_norm_, get_total_norm
 from .clipper import Clipper
-from .core import chain, gated, identity
+from .core import chain, identity
 from .optim import Transformed
-from .transforms import clip_by_moment, scale_by_lr, skip_nonfinite, trace, zclip
+from .transforms import clip_by_moment, scale_by_lr, trace, zclip
 
 __all__ = [
     "CONFIGS",
@@ -388,10 +389,8 @@ def _train(
     model = _mlp(settings.hidden).to(device)
     model.load_state_dict(initial)
     params = list(model.parameters())
-    # torch's SGD with momentum, as a chain: under a closed commit gate (a skipped step)
-    # skip_nonfinite makes the update zero and leaves the momentum buffer as it was.
-    sgd = chain(trace(settings.momentum), scale_by_lr())
-    opt = Transformed(params, skip_nonfinite(sgd), lr=settings.lr)
+    # torch's SGD with momentum, as a chain
+    opt = Transformed(params, chain(trace(settings.momentum), scale_by_lr()), lr=settings.lr)
     clipper = Clipper(params, _transform(name, settings), nonfinite="skip")
 
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
@@ -432,7 +431,7 @@ def _train(
             threshold = nan  # per element: no single norm limit
         else:
             threshold = inf
-        with gated(stats.skipped.logical_not().to(torch.float32)):
+        if not bool(stats.skipped):  # a skipped step leaves the optimizer as it was (a host read)
             opt.step()
 
         row = [loss.detach(), stats.norm, clipped_norm, threshold, boundary, fraction, stats.skipped]

@@ -25,16 +25,14 @@ caller, so positional values start at ``lr``.
 
 Registry
     Optimizers: ``adagrad``, ``rmsprop``, ``adam``, ``adamw`` (:mod:`steadygrad.optim`) and
-    ``sgd`` (``torch.optim.SGD``, plain gradient descent as a baseline). Transforms: those of
-    :data:`TRANSFORM_NAMES` that exist in :mod:`steadygrad.transforms.clipping` and
-    :mod:`steadygrad.transforms.adaptive_clipping` when the registry is first used (looked up
-    by attribute, so the registry grows as transforms are added). :func:`register` adds more.
+    ``sgd`` (``torch.optim.SGD``, plain gradient descent as a baseline). Transforms: the clipping
+    factories of :mod:`steadygrad.transforms` named in :data:`TRANSFORM_NAMES`. :func:`register`
+    adds more.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -56,17 +54,16 @@ __all__ = [
 OPTIMIZER = "optimizer"
 TRANSFORM = "transform"
 
-# Transform factories looked up (by attribute) in these modules when the registry is first used.
-TRANSFORM_NAMES: dict[str, tuple[str, ...]] = {
-    "steadygrad.transforms.clipping": (
-        "clip_by_value",
-        "clip_by_norm",
-        "clip_by_moment",
-        "clip_by_unit_ratio",
-        "clip_update_rms",
-    ),
-    "steadygrad.transforms.adaptive_clipping": ("zclip", "autoclip"),
-}
+# The clipping transforms a spec may name (the factories of :mod:`steadygrad.transforms`).
+TRANSFORM_NAMES: tuple[str, ...] = (
+    "clip_by_value",
+    "clip_by_norm",
+    "clip_by_moment",
+    "clip_by_unit_ratio",
+    "clip_update_rms",
+    "zclip",
+    "autoclip",
+)
 
 MAX_SPEC_LENGTH = 1000
 _VALUES = "numbers, True, False, None, strings, tuples, lists and calls of registered transforms"
@@ -143,17 +140,10 @@ def _ensure_defaults() -> None:
         ("sgd", torch.optim.SGD),
     ):
         _REGISTRY[name] = Entry(name, cls, OPTIMIZER)
-    for module_name, names in TRANSFORM_NAMES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:  # the module exists but is broken: say so
-                raise
-            continue
-        for name in names:
-            factory = getattr(module, name, None)
-            if callable(factory):
-                _REGISTRY[name] = Entry(name, factory, TRANSFORM)
+    from .. import transforms
+
+    for name in TRANSFORM_NAMES:
+        _REGISTRY[name] = Entry(name, getattr(transforms, name), TRANSFORM)
 
 
 def _names(kind: str) -> str:
