@@ -5,7 +5,7 @@
     python benchmarks/run.py --full --json results.json
     python benchmarks/run.py --help
 
-The harness is ``steadygrad.bench``; see docs/benchmarks.md for the columns and the bytes model.
+The harness is ``steadygrad.apps.bench``; see docs/benchmarks.md for the columns and the bytes model.
 """
 
 import sys

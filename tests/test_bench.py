@@ -1,4 +1,4 @@
-"""The benchmark harness (steadygrad.bench, ``steadygrad bench``): it runs end to end and reports
+"""The benchmark harness (steadygrad.apps.bench, ``steadygrad bench``): it runs end to end and reports
 every field; the layouts have their sizes; the bytes model has the documented values. No speed is
 asserted here: timings are benchmarks, not tests."""
 
@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from steadygrad import bench
+from steadygrad.apps import bench
 from steadygrad.cli import bench as cli_bench
 
 TINY = dict(
@@ -131,7 +131,7 @@ def test_parse_size_refuses(bad):
 
 def test_report_is_well_formed_json(tiny_report):
     report = json.loads(json.dumps(tiny_report))  # JSON through and through
-    assert set(report) >= {"schema", "machine", "settings", "bytes_model", "copy", "results", "targets", "elapsed_s"}
+    assert set(report) >= {"schema", "machine", "settings", "bytes_model", "copy", "results", "elapsed_s"}
     assert report["machine"]["threads"] >= 1 and report["machine"]["torch"]
     assert report["copy"]["GBps"] > 0 and report["copy"]["MiB"] == 4
     assert report["bytes_model"]["per_param"] == {"Adagrad": 20, "RMSprop": 20, "Adam": 28, "AdamW": 28}
@@ -167,58 +167,12 @@ def test_report_is_well_formed_json(tiny_report):
     assert all(r["n_tensors"] > 100 for r in transformer)
 
 
-def test_table_and_targets(tiny_report):
+def test_table_reports_measurements_only(tiny_report):
     text = bench.format_report(tiny_report)
     assert "rmsprop+moment_clip" in text and "copy bandwidth" in text
     assert len([line for line in text.splitlines() if line.startswith("20k ")]) == 4
-    # without sg_fused no target of the issue can be decided
-    assert all(t["met"] is None for t in tiny_report["targets"])
-
-
-def test_targets_decided_from_fused_numbers():
-    def record(case, layout, size, ratio, fraction, first, recompiles, faults, compiled=True):
-        return {
-            "case": case,
-            "layout": layout,
-            "size": size,
-            "size_label": bench.format_size(size),
-            "n_params": size - 56,  # as the transformer layout: within 1 %, often below
-            "ratios": {"torch_foreach/sg_fused": ratio, "torch_fused/sg_fused": ratio},
-            "contenders": {
-                "sg_fused": {
-                    "bw_fraction": fraction,
-                    "first_step_s": first,
-                    "minflt_per_step": faults,
-                    "compiled": compiled,
-                }
-            },
-            "recompile_check": {"steps": 100, "recompiles": recompiles},
-        }
-
-    report = {
-        "results": [
-            record("rmsprop+moment_clip", "transformer", 10**7, 6.0, 0.75, 3.0, 0, 0.0),
-            record("adam+moment_clip", "transformer", 10**7, 1.2, 0.65, 12.0, 2, 5.0),
-            record("adam+norm", "big", 10**7, 2.0, 0.9, 1.0, 0, 0.0),
-            record("adam+norm", "transformer", 10**6, 12.0, 0.5, 0.1, 0, 0.0, compiled=False),
-        ],
-        "compiler_startup_s": 1.5,
-    }
-    targets = {t["target"]: t["met"] for t in bench.check_targets(report)}
-    assert targets["10M transformer rmsprop+moment_clip: torch_foreach/sg_fused"] is True
-    assert targets["10M transformer adam+moment_clip: torch_fused/sg_fused"] is False
-    assert targets["10M transformer rmsprop+moment_clip: sg_fused fraction of copy bandwidth"] is True
-    assert targets["10M transformer adam+moment_clip: sg_fused fraction of copy bandwidth"] is False
-    assert targets["10M big adam+norm: sg_fused fraction of copy bandwidth"] is True
-    assert targets["10M transformer adam+moment_clip: first step (compiler start-up + compile) s"] is False
-    assert targets["10M transformer rmsprop+moment_clip: first step (compiler start-up + compile) s"] is True
-    assert targets["10M transformer rmsprop+moment_clip: sg_fused ran compiled"] is True
-    assert targets["1M transformer adam+norm: sg_fused ran compiled"] is False
-    assert "1M transformer adam+norm: first step (compiler start-up + compile) s" not in targets
-    assert targets["1M transformer adam+norm: torch_fused/sg_fused"] is True
-    assert targets["10M transformer adam+moment_clip: recompiles in 100 OneCycleLR steps"] is False
-    assert targets["10M transformer adam+moment_clip: minor page faults per step"] is False
-    assert targets["10M transformer rmsprop+moment_clip: minor page faults per step"] is True
+    # measurements and ratios, no pass/fail verdicts of a project's targets
+    assert "target" not in text.lower() and "MISSED" not in text
 
 
 def test_cli_writes_json_and_reports_errors(tmp_path, capsys):

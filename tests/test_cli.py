@@ -11,14 +11,15 @@ import pytest
 import torch
 
 import steadygrad as sg
+from steadygrad.apps import COLORS
+from steadygrad.apps.trace import FUNCTIONS, SPIKE_SIZE, get_function, spike, spike_steps, trajectory
+from steadygrad.apps.trace.spec import SpecError, parse_optimizer, parse_transform
 from steadygrad.cli import COMMANDS, main
-from steadygrad.cli.spec import SpecError, parse_optimizer, parse_transform
-from steadygrad.testfunctions import FUNCTIONS, SPIKE_SIZE, get_function, spike, spike_steps, trajectory
 
 matplotlib = pytest.importorskip("matplotlib", reason="the plots need the cli extra")
 from matplotlib import image as mpimg  # noqa: E402
 
-from steadygrad.cli.plot import COLORS, plot_trajectories, save_figure  # noqa: E402
+from steadygrad.apps.trace.plot import plot_trajectories, save_figure  # noqa: E402
 
 D2L = [
     ("adagrad(lr=0.4, eps=1e-6, eps_in_sqrt=True)", "epoch 20, x1: -2.382563, x2: -0.158591"),

@@ -1,4 +1,4 @@
-"""``steadygrad demo``: the experiment (steadygrad.demo), its report (steadygrad.cli.report) and
+"""``steadygrad demo``: the experiment (steadygrad.apps.demo), its report (steadygrad.apps.demo.report) and
 the subcommand (steadygrad.cli.demo), on the quick setting (300 steps, a few seconds)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ pytest.importorskip("sklearn", reason='the demo needs its extra: pip install -e 
 pytest.importorskip("matplotlib", reason='the demo needs its extra: pip install -e ".[demo]"')
 
 from steadygrad import cli  # noqa: E402
+from steadygrad.apps.demo import CONFIGS, LOG_FIELDS, DemoSettings, load_digits_split, run_demo  # noqa: E402
 from steadygrad.cli.progress import ProgressBar  # noqa: E402
-from steadygrad.demo import CONFIGS, LOG_FIELDS, DemoSettings, load_digits_split, run_demo  # noqa: E402
 
 CLIPPED = ("clip_grad_norm_", "clip_by_moment", "zclip")
 

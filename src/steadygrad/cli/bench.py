@@ -1,5 +1,5 @@
 """``steadygrad bench``: time optimizer steps against torch.optim (the harness is
-:mod:`steadygrad.bench`; this module is only the command line around it)."""
+:mod:`steadygrad.apps.bench`; this module is only the command line around it)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _list_cases() -> str:
-    from ..bench import CASES, MODES
+    from ..apps.bench import CASES, MODES
 
     lines = [f"{'case':22s} {'B/param':>7s}  {'modes':20s}  what"]
     for name, case in CASES.items():
@@ -102,7 +102,7 @@ def _list_cases() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark described by ``args``; prints the table; writes ``--json``."""
-    from .. import bench
+    from ..apps import bench
 
     if args.list_cases:
         print(_list_cases())
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_markdown(path: str | None, report: dict[str, Any]) -> None:
-    from ..bench import format_markdown
+    from ..apps.bench import format_markdown
 
     if path:
         with open(path, "w") as f:

@@ -1,8 +1,8 @@
 """``steadygrad demo``: train a small network on real data with corrupted batches, with no
 clipping and with three clippers; print a table, write plots and a self-contained HTML report.
 
-The experiment is :mod:`steadygrad.demo` (importable and testable without this command); the
-pictures and the report are :mod:`steadygrad.cli.report`. It needs the ``demo`` extra
+The experiment is :mod:`steadygrad.apps.demo` (importable and testable without this command); the
+pictures and the report are :mod:`steadygrad.apps.demo.report`. It needs the ``demo`` extra
 (matplotlib and scikit-learn, whose bundled digits are the data: no download).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..demo import CONFIGS, DemoResult, DemoSettings, run_demo
+from ..apps.demo import CONFIGS, DemoResult, DemoSettings, run_demo
 from . import CommandError, nonnegative_int, positive_int
 from .progress import ProgressBar
 
@@ -169,7 +169,7 @@ def _prepare_out(folder: str) -> None:
 
 
 def _check_dependencies() -> None:
-    from .report import DEMO_MISSING
+    from ..apps.demo.report import DEMO_MISSING
 
     if any(importlib.util.find_spec(name) is None for name in ("matplotlib", "sklearn")):
         raise CommandError(DEMO_MISSING)
@@ -177,7 +177,7 @@ def _check_dependencies() -> None:
 
 def format_table(result: DemoResult) -> str:
     """The summary table as aligned text."""
-    from .report import table_rows
+    from ..apps.demo.report import table_rows
 
     header, rows = table_rows(result)
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(flush=True)
 
-    from .report import write_outputs
+    from ..apps.demo.report import write_outputs
 
     try:
         paths = write_outputs(result, args.out, _command(args))

@@ -1,7 +1,7 @@
 """``steadygrad trace``: run optimizers on a 2-D test function, print where they end, plot their paths.
 
-Each SPEC is an optimizer in call syntax (:mod:`steadygrad.cli.spec`), run in float64 from the
-same start for ``--steps`` steps on a function of :mod:`steadygrad.testfunctions`. For each, the
+Each SPEC is an optimizer in call syntax (:mod:`steadygrad.apps.trace.spec`), run in float64 from the
+same start for ``--steps`` steps on a function of :mod:`steadygrad.apps.trace`. For each, the
 spec and ``epoch N, x1: %f, x2: %f`` are printed (the d2l book's format); with ``--out`` all
 trajectories are drawn on one contour plot.
 """
@@ -14,9 +14,9 @@ import os
 import sys
 from typing import Any
 
-from ..testfunctions import FUNCTIONS, Objective, get_function, trajectory
+from ..apps.trace import FUNCTIONS, Objective, get_function, trajectory
+from ..apps.trace.spec import OPTIMIZER, TRANSFORM, OptimizerSpec, SpecError, parse_optimizer, registry
 from . import CommandError, nonnegative_int, positive_int
-from .spec import OPTIMIZER, TRANSFORM, OptimizerSpec, SpecError, parse_optimizer, registry
 
 __all__ = ["add_parser", "parse_start", "run"]
 
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is None:
         return 0
-    from .plot import MATPLOTLIB_MISSING, plot_trajectories, save_figure
+    from ..apps.trace.plot import MATPLOTLIB_MISSING, plot_trajectories, save_figure
 
     try:
         title = f"{objective.name}: {objective.formula}; {args.steps} steps"

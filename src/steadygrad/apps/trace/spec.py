@@ -130,7 +130,7 @@ def _ensure_defaults() -> None:
     _DEFAULTS_LOADED = True
     import torch
 
-    from .. import optim
+    from ... import optim
 
     for name, cls in (
         ("adagrad", optim.Adagrad),
@@ -140,7 +140,7 @@ def _ensure_defaults() -> None:
         ("sgd", torch.optim.SGD),
     ):
         _REGISTRY[name] = Entry(name, cls, OPTIMIZER)
-    from .. import transforms
+    from ... import transforms
 
     for name in TRANSFORM_NAMES:
         _REGISTRY[name] = Entry(name, getattr(transforms, name), TRANSFORM)

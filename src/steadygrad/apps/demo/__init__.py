@@ -48,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .clip_grad import clip_grad_norm_, get_total_norm
-from .clipper import Clipper
-from .core import chain, identity
-from .optim import Transformed
-from .transforms import clip_by_moment, scale_by_lr, trace, zclip
+from ...clip_grad import clip_grad_norm_, get_total_norm
+from ...clipper import Clipper
+from ...core import chain, identity
+from ...optim import Transformed
+from ...transforms import clip_by_moment, scale_by_lr, trace, zclip
 
 __all__ = [
     "CONFIGS",

@@ -14,23 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..testfunctions import Objective
+from .. import COLORS
+from . import Objective
 
-__all__ = ["COLORS", "MATPLOTLIB_MISSING", "plot_trajectories", "save_figure"]
-
-# matplotlib's "tab10" colours less its grey, which looks like the contours and the text: distinct
-# from each other and from everything else drawn. A trajectory beyond the ninth reuses them.
-COLORS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#bcbd22",
-    "#17becf",
-)
+__all__ = ["MATPLOTLIB_MISSING", "plot_trajectories", "save_figure"]
 
 MATPLOTLIB_MISSING = 'the plot needs matplotlib: pip install "steadygrad[cli]"'
 

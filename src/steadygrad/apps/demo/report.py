@@ -4,7 +4,7 @@
 (:func:`plot_loss`, :func:`plot_grad_norm`), ``report.html`` (self-contained: the PNGs are embedded
 as base64 data URIs, the style is inline, there is no script and no external resource),
 ``metrics.json`` (the numbers) and ``steps.csv`` (the per-step statistics). Figures use
-matplotlib's object-oriented API (Agg), as :mod:`steadygrad.cli.plot`.
+matplotlib's object-oriented API (Agg), as :mod:`steadygrad.apps.trace.plot`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..demo import ZCLIP_Z, DemoResult, settings_table, write_step_log
-from .plot import COLORS
+from .. import COLORS
+from . import ZCLIP_Z, DemoResult, settings_table, write_step_log
 
 __all__ = [
     "DEMO_MISSING",
@@ -271,7 +271,7 @@ def table_rows(result: DemoResult) -> tuple[list[str], list[list[str]]]:
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
+    from ... import __version__
 
     return {"steadygrad": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
