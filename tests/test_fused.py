@@ -142,7 +142,10 @@ def test_gradients_set_to_none_by_the_model_are_adopted(eager_fused):
             loss = loss_fn(params[:6], step) + (params[6].double() ** 2).sum() * 0.3 + params[7] ** 2
             loss.backward()
             opt.step()
-    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14)
+    # float32 as in test_fused_equals_the_reference: whether an element takes a vectorised (FMA)
+    # path depends on its buffer, so the 7-element vector may differ in the last bit (with some
+    # random draws, i.e. depending on the tests run before)
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14, rtol32=1e-6)
 
 
 def test_checkpoints_of_a_fused_optimizer_move_to_torch_and_back(eager_fused):

@@ -119,17 +119,42 @@ def rss_update(
     return Quotient(grads, den, [1 / ((s.to(torch.float64) - 1) * lr_decay + 1) for s in steps])
 
 
+class _Scaling(Transform):
+    """What the three scalings share: per element, new updates (they read the gradients they are
+    given), computed as a :class:`Quotient` by ``update_pending``; ``update`` finishes it."""
+
+    structure: ClassVar[str] = "elements"
+    writes_updates: ClassVar[bool] = False
+    fresh_updates: ClassVar[bool] = True
+
+    def update(self, updates, state, params=None, ctx=PLAIN):
+        pending, state = self.update_pending(updates, state, params, ctx)
+        return pending.materialize(), state
+
+
+class _MomentClipped(_Scaling):
+    """RMSprop's and Adam's ``moment_clip`` option (a field of the subclass): OpenAI Five's
+    clipping against their own second moment, in place on the updates they are given."""
+
+    moment_clip: Any
+
+    @property
+    def writes_updates(self) -> bool:  # type: ignore[override]
+        return self.moment_clip is not None
+
+    def _check_moment_clip(self) -> None:
+        if self.moment_clip is not None:
+            object.__setattr__(self, "moment_clip", check_range("moment_clip", self.moment_clip, low_open=True))
+
+
 @dataclass(frozen=True)
-class ScaleByRss(Transform):
+class ScaleByRss(_Scaling):
     """Adagrad's scaling; see :func:`scale_by_rss`."""
 
     initial_accumulator_value: Any = 0.0
     eps: Any = 1e-10
     lr_decay: Any = 0.0
     eps_in_sqrt: bool = False
-    structure: ClassVar[str] = "elements"
-    writes_updates: ClassVar[bool] = False
-    fresh_updates: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_range("initial_accumulator_value", self.initial_accumulator_value)
@@ -139,10 +164,6 @@ class ScaleByRss(Transform):
 
     def init(self, params: Sequence[Tensor]) -> ScaleByRssState:
         return ScaleByRssState(step=new_steps(params), sum=zeros_like(params, float(self.initial_accumulator_value)))
-
-    def update(self, updates, state, params=None, ctx=PLAIN):
-        pending, state = self.update_pending(updates, state, params, ctx)
-        return pending.materialize(), state
 
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
         pending = rss_update(
@@ -247,7 +268,7 @@ def rms_update(
 
 
 @dataclass(frozen=True)
-class ScaleByRms(Transform):
+class ScaleByRms(_MomentClipped):
     """RMSProp's scaling; see :func:`scale_by_rms`."""
 
     alpha: Any = 0.99
@@ -255,20 +276,13 @@ class ScaleByRms(Transform):
     centered: bool = False
     eps_in_sqrt: bool = False
     moment_clip: Any = None
-    structure: ClassVar[str] = "elements"
-    fresh_updates: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_range("alpha", self.alpha, 0.0, 1.0))
         object.__setattr__(self, "eps", check_range("eps", self.eps, low_open=True))
         check_bool("centered", self.centered)
         check_bool("eps_in_sqrt", self.eps_in_sqrt)
-        if self.moment_clip is not None:
-            object.__setattr__(self, "moment_clip", check_range("moment_clip", self.moment_clip, low_open=True))
-
-    @property
-    def writes_updates(self) -> bool:  # type: ignore[override]
-        return self.moment_clip is not None
+        self._check_moment_clip()
 
     def init(self, params: Sequence[Tensor]) -> ScaleByRmsState:
         return ScaleByRmsState(
@@ -277,10 +291,6 @@ class ScaleByRms(Transform):
             grad_avg=zeros_like(params) if self.centered else None,
             moment_clip_fraction=None if self.moment_clip is None else new_fraction(params),
         )
-
-    def update(self, updates, state, params=None, ctx=PLAIN):
-        pending, state = self.update_pending(updates, state, params, ctx)
-        return pending.materialize(), state
 
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
         if self.centered and state.grad_avg is None:
@@ -437,7 +447,7 @@ def adam_update(
 
 
 @dataclass(frozen=True)
-class ScaleByAdam(Transform):
+class ScaleByAdam(_MomentClipped):
     """Adam's scaling; see :func:`scale_by_adam`."""
 
     betas: Any = (0.9, 0.999)
@@ -445,20 +455,13 @@ class ScaleByAdam(Transform):
     amsgrad: bool = False
     eps_in_sqrt: bool = False
     moment_clip: Any = None
-    structure: ClassVar[str] = "elements"
-    fresh_updates: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", check_betas(self.betas))
         object.__setattr__(self, "eps", check_range("eps", self.eps, low_open=True))
         check_bool("amsgrad", self.amsgrad)
         check_bool("eps_in_sqrt", self.eps_in_sqrt)
-        if self.moment_clip is not None:
-            object.__setattr__(self, "moment_clip", check_range("moment_clip", self.moment_clip, low_open=True))
-
-    @property
-    def writes_updates(self) -> bool:  # type: ignore[override]
-        return self.moment_clip is not None
+        self._check_moment_clip()
 
     def init(self, params: Sequence[Tensor]) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -468,10 +471,6 @@ class ScaleByAdam(Transform):
             max_exp_avg_sq=zeros_like(params) if self.amsgrad else None,
             moment_clip_fraction=None if self.moment_clip is None else new_fraction(params),
         )
-
-    def update(self, updates, state, params=None, ctx=PLAIN):
-        pending, state = self.update_pending(updates, state, params, ctx)
-        return pending.materialize(), state
 
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
         if self.amsgrad and state.max_exp_avg_sq is None:
