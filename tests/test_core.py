@@ -13,7 +13,14 @@ import torch
 import steadygrad as sg
 from steadygrad.core import Hyper, StepContext, state_leaves
 from steadygrad.core.state import SharedDict, StateLayout, state_keys
-from steadygrad.core.tensorlist import bias_correction, group_by_device_dtype
+from steadygrad.core.tensorlist import (
+    add_scalar_,
+    add_scalars_,
+    bias_correction,
+    group_by_device_dtype,
+    host_scalar,
+    mul_scalar_,
+)
 
 from ._parity import assert_same_run, clone_params, make_params, train_step
 
@@ -192,6 +199,46 @@ def test_group_by_device_dtype_keeps_first_seen_order():
         ((cpu, torch.float64), [1]),
         ((cpu, torch.bfloat16), [3]),
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_scalar_helpers_give_torchs_bits_for_a_python_number(dtype, mixed):
+    """mul_scalar_/add_scalar_ pass a number as a 0-d tensor where that gives the same bits (CPU,
+    float32/float64, one dtype): the values must equal torch's own number path exactly, also for a
+    list mixing dtypes (a float64 tensor among float32 ones must not get a float32 scalar)."""
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(37, generator=g).to(dtype) for _ in range(3)]
+    if mixed:
+        ts.append(torch.randn(5, generator=g, dtype=torch.float64))
+    for value in (0.99, 1e-8, 1 - 0.999, -3.3e-4, 1.0 / 3.0):
+        mine, theirs = [t.clone() for t in ts], [t.clone() for t in ts]
+        mul_scalar_(mine, value)
+        torch._foreach_mul_(theirs, value)
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs)), ("mul", value)
+        add_scalar_(mine, value)
+        torch._foreach_add_(theirs, value)
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs)), ("add", value)
+        add_scalars_(mine, [value] * len(mine))
+        torch._foreach_add_(theirs, [value] * len(theirs))
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs)), ("add list", value)
+    # different values per tensor, and a 0-d tensor value that is never read on the host
+    mine, theirs = [t.clone() for t in ts], [t.clone() for t in ts]
+    add_scalars_(mine, [0.1 * i for i in range(len(mine))])
+    torch._foreach_add_(theirs, [0.1 * i for i in range(len(theirs))])
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    add_scalar_(mine, torch.tensor(0.5, dtype=dtype))
+    torch._foreach_add_(theirs, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_host_scalar_reads_only_what_costs_no_device_sync():
+    assert host_scalar(0.5) == 0.5 and host_scalar(3) == 3
+    assert host_scalar(torch.tensor(0.25)) == 0.25
+    assert host_scalar(torch.tensor([0.25])) == 0.25
+    assert host_scalar(torch.tensor(0.25, requires_grad=True)) is None
+    assert host_scalar(torch.tensor([1.0, 2.0])) is None
+    assert host_scalar(torch.tensor(0.25, device="meta")) is None
 
 
 def test_bias_correction_is_double_precision_per_counter():

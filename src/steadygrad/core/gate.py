@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .tensorlist import Scalar, addcmul_, on_device
+from .tensorlist import Scalar, add_scalar_, addcmul_, dtypes, mul_scalar_, on_device
 
 __all__ = [
     "advance_",
@@ -103,7 +103,7 @@ def gate_increment(gate: Tensor | None, counter: Tensor) -> Scalar:
 def advance_(counters: Sequence[Tensor], gate: Tensor | None) -> None:
     """Step counters ``t ← t + 1`` in place, or ``t + gate`` under the commit gate."""
     if gate is None:
-        torch._foreach_add_(list(counters), 1)
+        add_scalar_(list(counters), 1.0)
     else:
         for c in counters:
             c.add_(gate_increment(gate, c))
@@ -142,7 +142,8 @@ def ema_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None) 
 def ema_square_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None) -> None:
     """``v ← β·v + (1 − β)·x²`` in place (``x`` widened to ``v``'s dtype), frozen under a closed
     gate: the second moment of RMSprop, Adam and OpenAI Five's clipping."""
-    x = [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(x, avg)]
+    if dtypes(x) != dtypes(avg) or len(dtypes(avg)) > 1:
+        x = [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(x, avg)]
     decay, rate = gate_ema_per_tensor(beta, gate, avg)
-    torch._foreach_mul_(avg, decay)
+    mul_scalar_(avg, decay)
     addcmul_(avg, x, x, rate)

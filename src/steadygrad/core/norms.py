@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Parameter
 
-from .tensorlist import group_by_device_dtype
+from .tensorlist import any_empty, devices, dtypes, group_by_device_dtype, types
 from .validate import check_range
 
 __all__ = [
@@ -71,6 +71,7 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
     _FOREACH_DEVICES = frozenset(["cpu", "cuda", "xpu", torch._C._get_privateuse1_backend_name()])
 
 _PLAIN_TYPES = (Tensor, Parameter)
+_PLAIN_TYPES_SET = frozenset(_PLAIN_TYPES)
 _DOUBLE = (torch.float64, torch.complex128)
 
 
@@ -253,13 +254,16 @@ def total_norm(
     locals_, specs = _split_dtensors(tensors)
     norms = _local_norms(locals_, p, foreach)
     dtype = norms[0].dtype
-    for n in norms[1:]:
-        dtype = torch.promote_types(dtype, n.dtype)
+    for other in dtypes(norms):
+        dtype = torch.promote_types(dtype, other)
 
     # The partial (sum of |x|^p, or max) of the tensors this rank holds whole: plain tensors and
     # fully replicated DTensors. Sharded DTensors: one partial per (mesh, sharded mesh dims),
     # all-reduced over those dims, then added.
-    whole = [norms[i].to(device=device, dtype=dtype) for i, s in enumerate(specs) if not (s and s[1])]
+    if not any(specs) and devices(norms) == {device}:
+        whole = norms if len(dtypes(norms)) == 1 else [n.to(dtype) for n in norms]
+    else:
+        whole = [norms[i].to(device=device, dtype=dtype) for i, s in enumerate(specs) if not (s and s[1])]
     sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
     for i, spec in enumerate(specs):
         if spec is not None and spec[1]:
@@ -323,7 +327,7 @@ def scaled(tensors: Sequence[Tensor], factor: Tensor) -> list[Tensor]:
     """New tensors ``t · factor``, computed as :func:`scale_` computes them (one pass instead of
     a copy and an in-place scaling)."""
     tensors = list(tensors)
-    if all(type(t) in _PLAIN_TYPES and t.dtype == wide_dtype(t.dtype) for t in tensors):
+    if types(tensors) <= _PLAIN_TYPES_SET and all(d == wide_dtype(d) for d in dtypes(tensors)):
         out: list[Tensor | None] = [None] * len(tensors)
         for (device, dtype), indices in group_by_device_dtype(tensors).items():
             f = factor.to(device=device, dtype=norm_dtype(dtype))
@@ -358,6 +362,8 @@ def _is_sharded(placement: Any) -> bool:
 
 def _split_dtensors(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Any, tuple[int, ...]] | None]]:
     """The local tensor of each tensor, and for DTensors (mesh, mesh dims it is sharded on)."""
+    if types(tensors) <= _PLAIN_TYPES_SET:
+        return list(tensors), [None] * len(tensors)
     locals_: list[Tensor] = []
     specs: list[tuple[Any, tuple[int, ...]] | None] = []
     for t in tensors:
@@ -391,7 +397,7 @@ def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool |
         if not supported:
             raise RuntimeError(f"foreach=True, but there are no foreach kernels for {device.type} tensors")
         return True
-    return supported and all(type(t) in _PLAIN_TYPES for t in tensors)
+    return supported and types(tensors) <= _PLAIN_TYPES_SET
 
 
 def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
@@ -400,12 +406,15 @@ def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[
         compute = wide_dtype(dtype)
         cast = None if compute == dtype else compute
         real = norm_dtype(dtype)
-        full = []
-        for i in indices:
-            if tensors[i].numel() == 0:  # torch has no identity for max over nothing
-                out[i] = torch.zeros((), dtype=real, device=device)
-            else:
-                full.append(i)
+        if any_empty([tensors[i] for i in indices]):
+            full = []
+            for i in indices:
+                if tensors[i].numel() == 0:  # torch has no identity for max over nothing
+                    out[i] = torch.zeros((), dtype=real, device=device)
+                else:
+                    full.append(i)
+        else:
+            full = indices
         if not full:
             continue
         group = [tensors[i] for i in full]

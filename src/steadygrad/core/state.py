@@ -30,12 +30,13 @@ parameter, the update and every state tensor, as torch.optim does; the state sta
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping, Sequence
+from operator import is_, itemgetter
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .tensorlist import as_real, from_real
+from .tensorlist import any_complex, as_real, from_real
 from .transform import PLAIN, StepContext, Transform, state_leaves
 
 __all__ = ["Replicated", "SharedDict", "StateKey", "StateLayout", "state_keys"]
@@ -151,12 +152,16 @@ class StateLayout:
         shared: SharedDict | Replicated,
         *,
         step_on_device: bool = False,
+        entries: Sequence[dict] | None = None,
     ) -> None:
         """Creates the state that ``params`` lack (new parameters, or a field of an option switched
         on since), shared fields included. ``step_on_device`` keeps ``step`` counters on the
-        parameter's device in float32 (torch's ``capturable``)."""
+        parameter's device in float32 (torch's ``capturable``). ``entries``: ``store[p]`` for each
+        of ``params``, if the caller has them."""
         names = self.key_names
-        missing = [p for p in params if not store[p].keys() >= names]
+        if entries is None:
+            entries = list(map(store.__getitem__, params))
+        missing = [p for p, entry in zip(params, entries) if not entry.keys() >= names]
         if not missing:
             return
         fresh = [leaf for _, leaf in state_leaves(self.transform.init(missing))]
@@ -184,20 +189,47 @@ class StateLayout:
         return _rebuild(self.template, iter([leaf._replace(**f) for leaf, f in zip(self.leaves, fields)]))
 
     def gather(
-        self, store: MutableMapping[Any, dict], params: Sequence[Tensor], shared: SharedDict | Replicated
+        self,
+        store: MutableMapping[Any, dict],
+        params: Sequence[Tensor],
+        shared: SharedDict | Replicated,
+        *,
+        real: bool | None = None,
+        entries: Sequence[dict] | None = None,
     ) -> Any:
-        """The state of ``params`` (real views of complex state). Call :meth:`ensure` first."""
-        entries = [store[p] for p in params]
+        """The state of ``params`` (real views of complex state). Call :meth:`ensure` first.
+        ``real``: whether all of ``params`` are known to be real (else it is checked); ``entries``
+        as for :meth:`ensure`."""
+        if real is None:
+            real = not any_complex(params)
+        if entries is None and self.per_param:
+            entries = list(map(store.__getitem__, params))
+        if real:
+            return self.assemble(lambda k: list(map(itemgetter(k.key), entries)), shared)
         return self.assemble(lambda k: [as_real(e[k.key]) for e in entries], shared)
 
     def scatter(
-        self, store: MutableMapping[Any, dict], params: Sequence[Tensor], state: Any, shared: SharedDict | Replicated
+        self,
+        store: MutableMapping[Any, dict],
+        params: Sequence[Tensor],
+        state: Any,
+        shared: SharedDict | Replicated,
+        *,
+        given: Any = None,
     ) -> None:
-        """Stores ``state`` (as returned by the transform) back."""
+        """Stores ``state`` (as returned by the transform) back. ``given``: the state the transform
+        was given (:meth:`gather`'s), whose per-parameter lists need no storing where the transform
+        returned the very same tensors (it updated them in place: the usual case)."""
         leaves = [leaf for _, leaf in state_leaves(state)]
+        before = None if given is None else [leaf for _, leaf in state_leaves(given)]
+        entries = None
         for k in self.per_param:
-            for p, v in zip(params, getattr(leaves[k.leaf], k.field)):
-                entry = store[p]
+            values = getattr(leaves[k.leaf], k.field)
+            if before is not None and all(map(is_, values, getattr(before[k.leaf], k.field))):
+                continue
+            if entries is None:
+                entries = list(map(store.__getitem__, params))
+            for entry, v in zip(entries, values):
                 old = entry[k.key]
                 # In-place updates of a complex tensor come back as its real view.
                 if v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
@@ -228,16 +260,18 @@ class StateLayout:
         are the original tensors; complex ones are viewed as real here. Returns the updates (real
         views for complex parameters; ``[]`` with ``apply``).
         """
-        self.ensure(store, params, shared, step_on_device=step_on_device)
-        state = self.gather(store, params, shared)
-        real_updates = [as_real(u) for u in updates]
-        real_params = [as_real(p) for p in params]
+        entries = list(map(store.__getitem__, params))
+        self.ensure(store, params, shared, step_on_device=step_on_device, entries=entries)
+        real = not any_complex(params)
+        given = self.gather(store, params, shared, real=real, entries=entries)
+        real_updates = list(updates) if real else [as_real(u) for u in updates]
+        real_params = list(params) if real else [as_real(p) for p in params]
         if apply:
-            state = self.transform.apply_(real_params, real_updates, state, ctx)
+            state = self.transform.apply_(real_params, real_updates, given, ctx)
             real_updates = []
         else:
-            real_updates, state = self.transform.update(real_updates, state, real_params, ctx)
-        self.scatter(store, params, state, shared)
+            real_updates, state = self.transform.update(real_updates, given, real_params, ctx)
+        self.scatter(store, params, state, shared, given=given)
         return real_updates
 
     # ---- checkpoints ------------------------------------------------------------------------------

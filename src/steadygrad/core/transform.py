@@ -61,6 +61,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from .tensorlist import mul_scalar_
+
 __all__ = [
     "STRUCTURES",
     "Chain",
@@ -207,12 +209,14 @@ class Quotient(NamedTuple):
     def materialize(self) -> list[Tensor]:
         u = torch._foreach_div(self.num, self.den)
         if not (_is_number(self.scale) and self.scale == 1):
-            torch._foreach_mul_(u, self.scale)
+            mul_scalar_(u, self.scale)
         return u
 
     def add_to_(self, params: list[Tensor], factor: Any = 1.0) -> None:
         """``params += factor · u`` in one pass where the factors are numbers."""
         scales = self._scales(factor)
+        if isinstance(scales, list) and scales and all(map(_is_number, scales)) and len(set(scales)) == 1:
+            scales = scales[0]  # one number: no list of scalars to convert per tensor
         if _is_number(scales):
             torch._foreach_addcdiv_(params, self.num, self.den, value=scales)
         elif isinstance(scales, list) and all(map(_is_number, scales)):
@@ -369,7 +373,7 @@ class Chain(Transform):
             a, b = (_wide(x) for x in t.linear(ctx))
             a_total, b_total = a * a_total, a * b_total + b
         if not (_is_number(b_total) and b_total == 0):
-            torch._foreach_mul_(params, 1 + b_total)
+            mul_scalar_(params, 1 + b_total)
         pending.add_to_(params, a_total)
         return head_state + tuple(state[tail:])
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from torch import Tensor
@@ -36,6 +37,8 @@ from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, Transform, coarsest_structure
 
 __all__ = ["CLIP_NAMESPACE", "GROUP_NAMESPACE", "GroupStep", "StepProgram", "structure_key"]
+
+_is_sparse = attrgetter("is_sparse")
 
 #: Key prefixes of the state of ``clip=`` and of a group chain's shared state.
 CLIP_NAMESPACE = "clip."
@@ -127,12 +130,11 @@ class StepProgram:
             if not params:
                 continue
             grads = [p.grad for p in params]
-            for grad in grads:
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "steadygrad optimizers do not support sparse gradients; "
-                        "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
-                    )
+            if any(map(_is_sparse, grads)):
+                raise RuntimeError(
+                    "steadygrad optimizers do not support sparse gradients; "
+                    "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
+                )
             work.append((g, group, params, grads))
         if not work:
             return

@@ -36,7 +36,16 @@ import torch
 from torch import Tensor
 
 from ..core.gate import advance_, commit_select, ema_, ema_square_, gate_open_per_tensor
-from ..core.tensorlist import Scalar, addcmul_, bias_correction, host_steps, new_steps, zeros_like
+from ..core.tensorlist import (
+    Scalar,
+    add_scalar_,
+    add_scalars_,
+    addcmul_,
+    bias_correction,
+    host_steps,
+    new_steps,
+    zeros_like,
+)
 from ..core.transform import PLAIN, Quotient, Transform
 from ..core.validate import check_betas, check_bool, check_range
 from .clipping.common import new_fraction
@@ -65,7 +74,7 @@ def _denominator(v: list[Tensor], eps: Scalar, eps_in_sqrt: bool) -> list[Tensor
         torch._foreach_sqrt_(den)
     else:
         den = torch._foreach_sqrt(v)
-        torch._foreach_add_(den, eps)
+        add_scalar_(den, eps)
     return den
 
 
@@ -256,11 +265,11 @@ def rms_update(
         ema_(grad_avg, grads, alpha, gate)
         v = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
         if eps_in_sqrt:
-            torch._foreach_add_(v, eps)
+            add_scalar_(v, eps)
             torch._foreach_sqrt_(v)
         else:
             torch._foreach_sqrt_(v)
-            torch._foreach_add_(v, eps)
+            add_scalar_(v, eps)
         den = v
     else:
         den = _denominator(square_avg, eps, eps_in_sqrt)
@@ -386,7 +395,7 @@ def _adam_quotient(
     ``1/(1−β1^t) · m / sqrt(v/(1−β2^t) + eps)``). The denominator goes into ``scratch`` if given."""
     if eps_in_sqrt:
         den = torch._foreach_div(second, bc2)
-        torch._foreach_add_(den, eps)
+        add_scalar_(den, eps)
         torch._foreach_sqrt_(den)
         return Quotient(exp_avg, den, [1 / b1 for b1 in bc1])
     if not bc1 or isinstance(bc1[0], float):
@@ -394,7 +403,7 @@ def _adam_quotient(
     else:
         roots = [b2.sqrt() for b2 in bc2]
     den = _sqrt_of(second, scratch)
-    torch._foreach_add_(den, [eps * r for r in roots])
+    add_scalars_(den, [eps * r for r in roots])
     return Quotient(exp_avg, den, [r / b1 for r, b1 in zip(roots, bc1)])
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core.gate import gate_ema_per_tensor, gate_open_per_tensor
-from ..core.tensorlist import zeros_like
+from ..core.tensorlist import mul_scalar_, zeros_like
 from ..core.transform import PLAIN, Dense, EmptyState, Hyper, Transform
 from ..core.validate import check_bool, check_range
 
@@ -52,7 +52,7 @@ class Trace(Transform):
         momentum = ctx.value(self.momentum)
         buf = state.momentum_buffer
         gate = ctx.gate
-        torch._foreach_mul_(buf, gate_ema_per_tensor(momentum, gate, buf)[0])
+        mul_scalar_(buf, gate_ema_per_tensor(momentum, gate, buf)[0])
         torch._foreach_add_(
             buf, updates if gate is None else torch._foreach_mul(updates, gate_open_per_tensor(gate, buf))
         )
@@ -157,7 +157,7 @@ class Scale(Transform):
         return EmptyState()
 
     def update(self, updates, state, params=None, ctx=PLAIN):
-        torch._foreach_mul_(updates, ctx.value(self.factor))
+        mul_scalar_(updates, ctx.value(self.factor))
         return updates, state
 
     def linear(self, ctx=PLAIN):
@@ -183,7 +183,7 @@ class ScaleByLr(Transform):
         return EmptyState()
 
     def update(self, updates, state, params=None, ctx=PLAIN):
-        torch._foreach_mul_(updates, -ctx.value(self.lr))
+        mul_scalar_(updates, -ctx.value(self.lr))
         return updates, state
 
     def linear(self, ctx=PLAIN):
