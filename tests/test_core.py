@@ -256,3 +256,36 @@ def test_bias_correction_is_double_precision_per_counter():
 def test_a_set_inside_a_param_group_raises_type_error():
     with pytest.raises(TypeError, match="ordered"):
         sg.optim.Adam([{"params": {torch.nn.Parameter(torch.zeros(1))}}])
+
+
+@pytest.mark.parametrize(
+    "make_after",
+    [
+        lambda: sg.scale_by_adam(),
+        lambda: sg.scale_by_rms(centered=True),
+        lambda: sg.scale_by_rss(lr_decay=0.1),
+        lambda: sg.trace(0.9),
+        lambda: sg.chain(sg.add_decayed_weights(0.1), sg.scale_by_adam(amsgrad=True)),
+    ],
+    ids=["adam", "rms_centered", "rss", "trace", "wd_then_adam"],
+)
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_pending_clip_coefficient_equals_clipping_first(make_after, writable):
+    """chain(clip_by_norm, T): the coefficient left pending (StepContext.scale) and folded into
+    T, or applied before a T that does not take it, equals clipping a copy and then running T; the
+    given updates are written only when writable."""
+    params = [torch.randn(3, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    t = sg.chain(sg.clip_by_norm(0.3), make_after())
+    clip, after = sg.clip_by_norm(0.3), make_after()
+    state_a = t.init(params)
+    state_c, state_t = clip.init(params), after.init(params)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        given = [g.clone() for g in grads]
+        got, state_a = t.update(given, state_a, params, StepContext(writable=writable))
+        if not writable:
+            assert all(torch.equal(a, b) for a, b in zip(given, grads))
+        clipped, state_c = clip.update([g.clone() for g in grads], state_c, params)
+        want, state_t = after.update(clipped, state_t, params)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

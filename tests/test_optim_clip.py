@@ -23,13 +23,16 @@ def grouped(params):
 @pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Adam", "AdamW"])
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_clip_by_norm_equals_clip_grad_norm_then_torch_step(name, norm_type, maximize):
-    """The norm is over all groups together, exactly as torch.nn.utils.clip_grad_norm_."""
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_clip_by_norm_equals_clip_grad_norm_then_torch_step(name, norm_type, maximize, weight_decay):
+    """The norm is over all groups together, exactly as torch.nn.utils.clip_grad_norm_. Without
+    coupled weight decay the scalings fold the coefficient into their arithmetic (no scaled copy
+    of the gradients); with it, it is applied first."""
     params_t = make_params()
     params_s = clone_params(params_t)
-    opt_t = getattr(torch.optim, name)(grouped(params_t), weight_decay=0.1, maximize=maximize)
+    opt_t = getattr(torch.optim, name)(grouped(params_t), weight_decay=weight_decay, maximize=maximize)
     opt_s = getattr(sg.optim, name)(
-        grouped(params_s), weight_decay=0.1, maximize=maximize, clip=sg.clip_by_norm(0.5, norm_type)
+        grouped(params_s), weight_decay=weight_decay, maximize=maximize, clip=sg.clip_by_norm(0.5, norm_type)
     )
     for step in range(20):
         opt_t.zero_grad()
@@ -237,3 +240,29 @@ def test_loading_keeps_wide_clip_state_of_low_precision_parameters():
     for key in ("clip.nu", "clip.count", "exp_avg", "exp_avg_sq", "step"):
         assert loaded[key].dtype == saved[key].dtype and torch.equal(loaded[key], saved[key]), key
     assert loaded["clip.count"].item() == 300  # 300 is not a bfloat16 number
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_clip_by_norm_coefficient_is_folded_into_the_scaling_on_the_cpu(name, monkeypatch):
+    """On CPU gradients the optimizer never scales a copy of .grad for clip_by_norm: the
+    coefficient comes back unapplied and the scaling folds it into its own arithmetic."""
+    import steadygrad.core.norms as norms
+
+    params_t = make_params()
+    params_s = clone_params(params_t)
+    opt_t = getattr(torch.optim, name)(params_t, lr=0.01)
+    opt_s = getattr(sg.optim, name)(params_s, lr=0.01, clip=sg.clip_by_norm(0.05))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the clip coefficient was applied to a copy of the gradients")
+
+    monkeypatch.setattr(norms, "scaled", forbidden)
+    monkeypatch.setattr(norms, "scale_", forbidden)
+    for step in range(10):
+        opt_t.zero_grad()
+        loss_fn(params_t, step).backward()
+        torch.nn.utils.clip_grad_norm_(params_t, 0.05)
+        opt_t.step()
+        train_step(params_s, opt_s, step)
+    assert_same_run(params_s, opt_s, params_t, opt_t)
+    assert opt_s.shared_state()["clip"]["fraction_clipped"].item() == 1.0

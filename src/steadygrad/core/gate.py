@@ -30,6 +30,7 @@ __all__ = [
     "gate_increment",
     "gate_open_per_tensor",
     "nonfinite_counts",
+    "scaled_rate",
     "zero_unless_",
 ]
 
@@ -134,16 +135,38 @@ def zero_unless_(tensors: Sequence[Tensor], ok: Tensor) -> None:
         t.masked_fill_(bad if bad.device == t.device else bad.to(t.device), 0)
 
 
-def ema_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None) -> None:
-    """``m ← β·m + (1 − β)·x`` in place (``lerp``), frozen under a closed gate."""
-    torch._foreach_lerp_(avg, x, gate_ema_per_tensor(beta, gate, avg)[1])
+def scaled_rate(rate: Scalar | list[Tensor], factor: float) -> Scalar | list[Tensor]:
+    """``rate · factor`` for a rate that is a number, a 0-d tensor or one 0-d tensor per tensor."""
+    if factor == 1:
+        return rate
+    if isinstance(rate, list):
+        return [r * factor for r in rate]
+    return rate * factor
 
 
-def ema_square_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None) -> None:
-    """``v ← β·v + (1 − β)·x²`` in place (``x`` widened to ``v``'s dtype), frozen under a closed
-    gate: the second moment of RMSprop, Adam and OpenAI Five's clipping."""
+def ema_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None, scale: float = 1.0) -> None:
+    """``m ← β·m + (1 − β)·s·x`` in place (``lerp`` for ``s = 1``), frozen under a closed gate.
+    ``scale`` (``s``): a factor ``x`` still carries (:attr:`~steadygrad.core.transform.StepContext.scale`)."""
+    decay, rate = gate_ema_per_tensor(beta, gate, avg)
+    if scale == 1:
+        torch._foreach_lerp_(avg, x, rate)
+        return
+    mul_scalar_(avg, decay)
+    rate = scaled_rate(rate, scale)
+    if isinstance(rate, Tensor):
+        rate = [rate] * len(avg)
+    if isinstance(rate, list):
+        torch._foreach_addcmul_(avg, x, rate)
+    else:
+        torch._foreach_add_(avg, x, alpha=rate)
+
+
+def ema_square_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None, scale: float = 1.0) -> None:
+    """``v ← β·v + (1 − β)·(s·x)²`` in place (``x`` widened to ``v``'s dtype), frozen under a
+    closed gate: the second moment of RMSprop, Adam and OpenAI Five's clipping. ``scale``: as
+    for :func:`ema_`."""
     if dtypes(x) != dtypes(avg) or len(dtypes(avg)) > 1:
         x = [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(x, avg)]
     decay, rate = gate_ema_per_tensor(beta, gate, avg)
     mul_scalar_(avg, decay)
-    addcmul_(avg, x, x, rate)
+    addcmul_(avg, x, x, scaled_rate(rate, scale * scale))

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .tensorlist import any_complex, as_real, from_real
-from .transform import PLAIN, StepContext, Transform, state_leaves
+from .transform import PLAIN, StepContext, Transform, apply_scale, state_leaves
 
 __all__ = ["Replicated", "SharedDict", "StateKey", "StateLayout", "state_keys"]
 
@@ -251,14 +251,17 @@ class StateLayout:
         ctx: StepContext = PLAIN,
         *,
         apply: bool = False,
+        scaled: bool = False,
         step_on_device: bool = False,
-    ) -> list[Tensor]:
+    ) -> Any:
         """One step of the transform for ``params`` with the state kept in ``store``.
 
-        Creates missing state, gathers it, runs ``update`` (or ``apply_`` with ``apply``: the
-        updates are added to the parameters), and stores the new state. ``params`` and ``updates``
-        are the original tensors; complex ones are viewed as real here. Returns the updates (real
-        views for complex parameters; ``[]`` with ``apply``).
+        Creates missing state, gathers it, runs ``update`` (``update_scaled`` with ``scaled``;
+        ``apply_`` with ``apply``: the updates are added to the parameters), and stores the new
+        state. ``params`` and ``updates`` are the original tensors; complex ones are viewed as real
+        here. A pending factor in ``ctx`` (:attr:`StepContext.scale`) is applied first unless the
+        transform takes it. Returns the updates (real views for complex parameters; ``[]`` with
+        ``apply``), with ``scaled`` the pair ``(updates, scale)``.
         """
         entries = list(map(store.__getitem__, params))
         self.ensure(store, params, shared, step_on_device=step_on_device, entries=entries)
@@ -266,13 +269,18 @@ class StateLayout:
         given = self.gather(store, params, shared, real=real, entries=entries)
         real_updates = list(updates) if real else [as_real(u) for u in updates]
         real_params = list(params) if real else [as_real(p) for p in params]
+        if ctx.scale is not None and not self.transform.takes_scale:
+            real_updates, ctx = apply_scale(real_updates, ctx)
+        scale = None
         if apply:
             state = self.transform.apply_(real_params, real_updates, given, ctx)
             real_updates = []
+        elif scaled:
+            real_updates, scale, state = self.transform.update_scaled(real_updates, given, real_params, ctx)
         else:
             real_updates, state = self.transform.update(real_updates, given, real_params, ctx)
         self.scatter(store, params, state, shared, given=given)
-        return real_updates
+        return (real_updates, scale) if scaled else real_updates
 
     # ---- checkpoints ------------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ __all__ = [
     "Quotient",
     "StepContext",
     "Transform",
+    "apply_scale",
     "chain",
     "coarsest_structure",
     "identity",
@@ -119,12 +120,19 @@ class StepContext:
             ``False``; a transform that can produce its result out of place at no extra cost
             (norm clipping: a scaled copy; coupled weight decay: ``g + λp``) then does, and
             declares ``writes_updates = False``.
+        scale: ``None``, or a factor the incoming updates still carry: the transform's input is
+            ``scale · updates``. Global norm clipping leaves its coefficient unapplied this way
+            (:meth:`Transform.update_scaled`), so that on gradients it must not write it makes no
+            scaled copy: the adaptive scalings fold the factor into their own arithmetic
+            (``takes_scale``); for every other transform the chain applies it first
+            (:func:`apply_scale`).
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
     gate: Tensor | None = None
     norm: Tensor | None = None
     writable: bool = True
+    scale: Any = None
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as
@@ -147,15 +155,45 @@ class StepContext:
     def with_gate(self, gate: Tensor | None) -> StepContext:
         """This context with ``gate`` (already combined with the current one by the caller) and
         without ``norm`` (a gating caller zeroes the updates)."""
-        return StepContext(self.hyper, gate, None, self.writable)
+        return StepContext(self.hyper, gate, None, self.writable, self.scale)
 
-    def after(self, given: list[Tensor], returned: list[Tensor]) -> StepContext:
-        """The context for the next transform of a chain, which gets ``returned``: no ``norm``
-        (it measured ``given``), and writable unless the updates are still the ones given."""
-        writable = self.writable or not given or returned[0] is not given[0]
-        if self.norm is None and writable == self.writable:
+    def with_scale(self, scale: Any) -> StepContext:
+        """This context with the pending factor ``scale`` (``None``: none)."""
+        if scale is None and self.scale is None:
             return self
-        return StepContext(self.hyper, self.gate, None, writable)
+        return StepContext(self.hyper, self.gate, self.norm, self.writable, scale)
+
+    def after(self, given: list[Tensor], returned: list[Tensor], scale: Any = None) -> StepContext:
+        """The context for the next transform of a chain, which gets ``returned`` (carrying the
+        factor ``scale``, see :meth:`Transform.update_scaled`): no ``norm`` (it measured
+        ``given``), and writable unless the updates are still the ones given."""
+        writable = self.writable or not given or returned[0] is not given[0]
+        if self.norm is None and writable == self.writable and scale is None and self.scale is None:
+            return self
+        return StepContext(self.hyper, self.gate, None, writable, scale)
+
+
+def apply_scale(updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], StepContext]:
+    """The updates with ``ctx.scale`` applied, and the context without it: in place when the
+    updates are writable, else as new tensors (which are then). Computed as norm clipping scales
+    (:func:`steadygrad.core.norms.scale_`: float16/bfloat16 in float32)."""
+    if ctx.scale is None:
+        return updates, ctx
+    from .norms import scale_, scaled
+
+    factor = ctx.scale if isinstance(ctx.scale, Tensor) else torch.tensor(ctx.scale, dtype=torch.float64)
+    if ctx.writable:
+        scale_(updates, factor)
+    else:
+        updates = scaled(updates, factor)
+    return updates, StepContext(ctx.hyper, ctx.gate, ctx.norm, True, None)
+
+
+def _settle(t: Transform, updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], StepContext]:
+    """What ``t`` is given: the pending factor applied first unless ``t`` takes it."""
+    if ctx.scale is None or t.takes_scale:
+        return updates, ctx
+    return apply_scale(updates, ctx)
 
 
 #: The context of a step outside any optimizer: no group, always commit.
@@ -239,6 +277,8 @@ class Transform:
             flat buffers. A transform written by hand is ``"tensors"`` unless it says otherwise.
         writes_updates: ``update`` may overwrite the tensors of ``updates`` it is given.
         fresh_updates: ``update`` returns new tensors of its own (not its input, not its state).
+        takes_scale: ``update`` honours :attr:`StepContext.scale` itself (it folds the factor into
+            its arithmetic, or applies it); for other transforms the caller applies it first.
 
     Applying a chain to the parameters (``apply_``)
         The chain's *linear tail* (stateless transforms ``u ← a·u + b·p``: :func:`scale_by_lr`,
@@ -253,6 +293,7 @@ class Transform:
     structure: ClassVar[str] = "tensors"
     writes_updates: ClassVar[bool] = True
     fresh_updates: ClassVar[bool] = False
+    takes_scale: ClassVar[bool] = False
 
     def init(self, params: Sequence[Tensor]) -> Any:
         raise NotImplementedError
@@ -270,12 +311,22 @@ class Transform:
         updates, state = self.update(updates, state, params, ctx)
         return Dense(updates), state
 
+    def update_scaled(
+        self, updates: list[Tensor], state: Any, params: Sequence[Tensor] | None = None, ctx: StepContext = PLAIN
+    ) -> tuple[list[Tensor], Any, Any]:
+        """``update``, possibly leaving one global factor unapplied: returns ``(updates, scale,
+        state)`` where the result is ``scale · updates`` (``scale`` ``None``: applied). Global norm
+        clipping returns its coefficient this way (see :attr:`StepContext.scale`)."""
+        updates, state = self.update(updates, state, params, ctx)
+        return updates, None, state
+
     def linear(self, ctx: StepContext = PLAIN) -> tuple[Any, Any] | None:
         """``(a, b)`` if this transform is ``u ← a·u + b·p`` and stateless, else ``None``."""
         return None
 
     def apply_(self, params: list[Tensor], updates: list[Tensor], state: Any, ctx: StepContext = PLAIN) -> Any:
         """``update``, then ``params += updates`` in place; returns the new state."""
+        updates, ctx = _settle(self, updates, ctx)
         pending, state = self.update_pending(updates, state, params, ctx)
         pending.add_to_(params)
         return state
@@ -328,6 +379,8 @@ class Chain(Transform):
     def fresh_updates(self) -> bool:  # type: ignore[override]
         return any(t.fresh_updates for t in self.transforms)
 
+    takes_scale: ClassVar[bool] = True  # each part gets the pending factor applied unless it takes it
+
     def init(self, params: Sequence[Tensor]) -> tuple:
         return tuple(t.init(params) for t in self.transforms)
 
@@ -335,27 +388,38 @@ class Chain(Transform):
         if len(state) != len(self.transforms):
             raise ValueError(f"chain of {len(self.transforms)} transforms got a state of {len(state)} parts")
 
+    def _run(self, parts, updates, state, params, ctx):
+        """``parts`` one after the other; returns the updates, the context for what follows (with
+        the factor the updates still carry) and the new states."""
+        new_state = []
+        for t, s in zip(parts, state):
+            updates, ctx = _settle(t, updates, ctx)
+            given = updates
+            updates, scale, s = t.update_scaled(updates, s, params, ctx)
+            ctx = ctx.after(given, updates, scale)
+            new_state.append(s)
+        return updates, ctx, new_state
+
     def update(self, updates, state, params=None, ctx=PLAIN):
         self._check(state)
-        new_state = []
-        for t, s in zip(self.transforms, state):
-            given = updates
-            updates, s = t.update(updates, s, params, ctx)
-            ctx = ctx.after(given, updates)
-            new_state.append(s)
+        updates, ctx, new_state = self._run(self.transforms, updates, state, params, ctx)
+        updates, _ = apply_scale(updates, ctx)
         return updates, tuple(new_state)
+
+    def update_scaled(self, updates, state, params=None, ctx=PLAIN):
+        self._check(state)
+        updates, ctx, new_state = self._run(self.transforms, updates, state, params, ctx)
+        return updates, ctx.scale, tuple(new_state)
 
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
         self._check(state)
         if not self.transforms:
+            updates, _ = apply_scale(updates, ctx)
             return Dense(updates), ()
-        new_state = []
-        for t, s in zip(self.transforms[:-1], state[:-1]):
-            given = updates
-            updates, s = t.update(updates, s, params, ctx)
-            ctx = ctx.after(given, updates)
-            new_state.append(s)
-        pending, s = self.transforms[-1].update_pending(updates, state[-1], params, ctx)
+        updates, ctx, new_state = self._run(self.transforms[:-1], updates, state[:-1], params, ctx)
+        last = self.transforms[-1]
+        updates, ctx = _settle(last, updates, ctx)
+        pending, s = last.update_pending(updates, state[-1], params, ctx)
         return pending, tuple(new_state) + (s,)
 
     def apply_(self, params, updates, state, ctx=PLAIN):

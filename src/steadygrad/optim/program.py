@@ -147,17 +147,21 @@ class StepProgram:
             flat_params = [p for _, _, params, _ in work for p in params]
             members = [p for group in param_groups for p in group["params"]]
             ctx = StepContext(writable=all(w for _, w in starts))
-            out = self.clip_layout.run(store, flat_params, flat, Replicated(store, members), ctx)
+            # A global coefficient comes back unapplied (scale): the groups' chains fold it in.
+            out, scale = self.clip_layout.run(store, flat_params, flat, Replicated(store, members), ctx, scaled=True)
             writable = ctx.after(flat, out).writable
             clipped = [(us, writable) for us in split_like(out, [us for us, _ in starts])]
         for i, (g, group, params, grads) in enumerate(work):
-            updates, writable = clipped[i] if clipped is not None else g.updates(grads)
+            if clipped is not None:
+                updates, writable = clipped[i]
+            else:
+                (updates, writable), scale = g.updates(grads), None
             g.layout.run(
                 store,
                 params,
                 updates,
                 Replicated(store, group["params"]),
-                StepContext(group, writable=writable),
+                StepContext(group, writable=writable, scale=scale),
                 apply=True,
                 step_on_device=g.step_on_device,
             )

@@ -35,18 +35,19 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.gate import advance_, commit_select, ema_, ema_square_, gate_open_per_tensor
+from ..core.gate import advance_, commit_select, ema_, ema_square_, gate_open_per_tensor, scaled_rate
 from ..core.tensorlist import (
     Scalar,
     add_scalar_,
     add_scalars_,
     addcmul_,
     bias_correction,
+    host_scalar,
     host_steps,
     new_steps,
     zeros_like,
 )
-from ..core.transform import PLAIN, Quotient, Transform
+from ..core.transform import PLAIN, Quotient, Transform, apply_scale
 from ..core.validate import check_betas, check_bool, check_range
 from .clipping.common import new_fraction
 from .clipping.moment import moment_clip_
@@ -79,13 +80,22 @@ def _denominator(v: list[Tensor], eps: Scalar, eps_in_sqrt: bool) -> list[Tensor
 
 
 def _moment_clip_or_ema(
-    grads: list[Tensor], v: list[Tensor], steps: list[Tensor], beta: Scalar, gate: Tensor | None, k: Scalar | None
+    grads: list[Tensor],
+    v: list[Tensor],
+    steps: list[Tensor],
+    beta: Scalar,
+    gate: Tensor | None,
+    k: Scalar | None,
+    scale: float = 1.0,
 ) -> Tensor | None:
-    """The second moment's EMA from the raw gradient; with ``k``, OpenAI Five's clipping of the
-    gradient (in place) with this very moment, from the steps before this one."""
+    """The second moment's EMA from the raw gradient (``scale · grads``); with ``k``, OpenAI Five's
+    clipping of the gradient (in place) with this very moment, from the steps before this one
+    (which needs the factor applied: ``scale`` must be 1)."""
     if k is None:
-        ema_square_(v, grads, beta, gate)
+        ema_square_(v, grads, beta, gate, scale)
         return None
+    if scale != 1:
+        raise ValueError("moment_clip writes the gradients: apply the pending factor first")
     return moment_clip_(grads, v, steps, k=k, beta=beta, gate=gate)
 
 
@@ -110,35 +120,58 @@ def rss_update(
     lr_decay: Scalar,
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
+    scale: float = 1.0,
 ) -> Quotient:
     """Adagrad's scaling: updates ``sums`` and ``steps`` in place, returns the updates.
 
     .. math::
         t \\leftarrow t + 1,\\quad s \\leftarrow s + g^2,\\quad
         u = \\frac{g}{(1 + (t-1)\\,\\text{lr\\_decay})\\,(\\sqrt{s} + \\epsilon)}
+
+    ``scale``: the gradient is ``scale · grads`` (a clipping coefficient folded in, see
+    :attr:`~steadygrad.core.transform.StepContext.scale`).
     """
     advance_(steps, gate)
-    addcmul_(sums, grads, grads, gate_open_per_tensor(gate, sums))
+    addcmul_(sums, grads, grads, scaled_rate(gate_open_per_tensor(gate, sums), scale * scale))
     den = _denominator(sums, eps, eps_in_sqrt)
     if not isinstance(lr_decay, Tensor) and lr_decay == 0:
-        return Quotient(grads, den)
+        return Quotient(grads, den, scale)
     counts = None if isinstance(lr_decay, Tensor) else host_steps(steps)
     if counts is not None:
-        return Quotient(grads, den, [1 / ((t - 1) * lr_decay + 1) for t in counts])
-    return Quotient(grads, den, [1 / ((s.to(torch.float64) - 1) * lr_decay + 1) for s in steps])
+        return Quotient(grads, den, [scale / ((t - 1) * lr_decay + 1) for t in counts])
+    return Quotient(grads, den, [scale / ((s.to(torch.float64) - 1) * lr_decay + 1) for s in steps])
 
 
 class _Scaling(Transform):
     """What the three scalings share: per element, new updates (they read the gradients they are
-    given), computed as a :class:`Quotient` by ``update_pending``; ``update`` finishes it."""
+    given), computed as a :class:`Quotient` by ``update_pending``; ``update`` finishes it.
+
+    A pending factor on the gradients (:attr:`~steadygrad.core.transform.StepContext.scale`, e.g.
+    ``clip=sg.clip_by_norm(...)``'s coefficient) is folded into the arithmetic where that is
+    exact and free: a number known on the host (a CPU tensor is read, as torch.optim reads its
+    CPU ``step``), no commit gate, number hyperparameters; the scaling then reads the unscaled
+    gradients and no scaled copy exists. Otherwise the factor is applied first."""
 
     structure: ClassVar[str] = "elements"
     writes_updates: ClassVar[bool] = False
     fresh_updates: ClassVar[bool] = True
+    takes_scale: ClassVar[bool] = True
 
     def update(self, updates, state, params=None, ctx=PLAIN):
         pending, state = self.update_pending(updates, state, params, ctx)
         return pending.materialize(), state
+
+    def _fold(self, updates: list[Tensor], ctx: Any, foldable: bool, *hypers: Any) -> tuple[list[Tensor], Any, float]:
+        """``(updates, ctx, s)``: the pending factor as a number ``s`` to fold in (1.0: none), or
+        applied to the updates when it cannot be (``foldable`` false, a gate, a tensor
+        hyperparameter, a factor that cannot be read without a device sync)."""
+        if ctx.scale is None:
+            return updates, ctx, 1.0
+        value = host_scalar(ctx.scale)
+        if value is not None and foldable and ctx.gate is None and not any(isinstance(h, Tensor) for h in hypers):
+            return updates, ctx.with_scale(None), float(value)
+        updates, ctx = apply_scale(updates, ctx)
+        return updates, ctx, 1.0
 
 
 class _MomentClipped(_Scaling):
@@ -175,14 +208,17 @@ class ScaleByRss(_Scaling):
         return ScaleByRssState(step=new_steps(params), sum=zeros_like(params, float(self.initial_accumulator_value)))
 
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
+        eps, lr_decay = ctx.value(self.eps), ctx.value(self.lr_decay)
+        updates, ctx, scale = self._fold(updates, ctx, True, eps, lr_decay)
         pending = rss_update(
             updates,
             state.sum,
             state.step,
-            eps=ctx.value(self.eps),
-            lr_decay=ctx.value(self.lr_decay),
+            eps=eps,
+            lr_decay=lr_decay,
             eps_in_sqrt=self.eps_in_sqrt,
             gate=ctx.gate,
+            scale=scale,
         )
         return pending, state
 
@@ -242,9 +278,11 @@ def rms_update(
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
+    scale: float = 1.0,
 ) -> tuple[Quotient, Tensor | None]:
     """RMSProp's scaling: updates the state in place, returns the updates; centered iff
-    ``grad_avg`` is given.
+    ``grad_avg`` is given. ``scale``: the gradient is ``scale · grads`` (as for
+    :func:`rss_update`; 1 with ``moment_clip``).
 
     .. math::
         v \\leftarrow \\alpha v + (1-\\alpha) g^2,\\quad
@@ -259,10 +297,10 @@ def rms_update(
     Returns:
         ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
-    fraction = _moment_clip_or_ema(grads, square_avg, steps, alpha, gate, moment_clip)
+    fraction = _moment_clip_or_ema(grads, square_avg, steps, alpha, gate, moment_clip, scale)
     advance_(steps, gate)
     if grad_avg is not None:
-        ema_(grad_avg, grads, alpha, gate)
+        ema_(grad_avg, grads, alpha, gate, scale)
         v = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
         if eps_in_sqrt:
             add_scalar_(v, eps)
@@ -273,7 +311,7 @@ def rms_update(
         den = v
     else:
         den = _denominator(square_avg, eps, eps_in_sqrt)
-    return Quotient(grads, den), fraction
+    return Quotient(grads, den, scale), fraction
 
 
 @dataclass(frozen=True)
@@ -304,17 +342,20 @@ class ScaleByRms(_MomentClipped):
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
         if self.centered and state.grad_avg is None:
             raise ValueError("scale_by_rms(centered=True) got a state without grad_avg")
+        alpha, eps, moment_clip = ctx.value(self.alpha), ctx.value(self.eps), ctx.value(self.moment_clip)
+        updates, ctx, scale = self._fold(updates, ctx, moment_clip is None, alpha, eps)
         gate = ctx.gate
         pending, fraction = rms_update(
             updates,
             state.square_avg,
             state.grad_avg if self.centered else None,
             state.step,
-            alpha=ctx.value(self.alpha),
-            eps=ctx.value(self.eps),
+            alpha=alpha,
+            eps=eps,
             eps_in_sqrt=self.eps_in_sqrt,
             gate=gate,
-            moment_clip=ctx.value(self.moment_clip),
+            moment_clip=moment_clip,
+            scale=scale,
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
@@ -421,10 +462,12 @@ def adam_update(
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
     scratch: bool = False,
+    scale: float = 1.0,
 ) -> tuple[Quotient, Tensor | None]:
     """Adam's scaling: updates the state in place, returns the updates; amsgrad iff
     ``max_exp_avg_sq`` is given. With ``scratch``, ``grads`` (owned by the caller, dead once the
-    moments are updated) hold the denominator.
+    moments are updated) hold the denominator. ``scale``: the gradient is ``scale · grads`` (as
+    for :func:`rss_update`; 1 with ``moment_clip``).
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
@@ -444,9 +487,9 @@ def adam_update(
     # (Under a closed commit gate the counters stay, and the discarded updates use t = count + 1.)
     bc1 = bias_correction(beta1, steps, offset=-1)
     bc2 = bias_correction(beta2, steps, offset=-1)
-    fraction = _moment_clip_or_ema(grads, exp_avg_sq, steps, beta2, gate, moment_clip)
+    fraction = _moment_clip_or_ema(grads, exp_avg_sq, steps, beta2, gate, moment_clip, scale)
     advance_(steps, gate)
-    ema_(exp_avg, grads, beta1, gate)
+    ema_(exp_avg, grads, beta1, gate, scale)
     if max_exp_avg_sq is not None:
         torch._foreach_maximum_(max_exp_avg_sq, exp_avg_sq)
         second = max_exp_avg_sq
@@ -484,8 +527,10 @@ class ScaleByAdam(_MomentClipped):
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
         if self.amsgrad and state.max_exp_avg_sq is None:
             raise ValueError("scale_by_adam(amsgrad=True) got a state without max_exp_avg_sq")
-        gate = ctx.gate
         beta1, beta2 = ctx.value(self.betas)
+        eps, moment_clip = ctx.value(self.eps), ctx.value(self.moment_clip)
+        updates, ctx, scale = self._fold(updates, ctx, moment_clip is None, beta1, beta2, eps)
+        gate = ctx.gate
         pending, fraction = adam_update(
             updates,
             state.exp_avg,
@@ -494,11 +539,12 @@ class ScaleByAdam(_MomentClipped):
             state.step,
             beta1=beta1,
             beta2=beta2,
-            eps=ctx.value(self.eps),
+            eps=eps,
             eps_in_sqrt=self.eps_in_sqrt,
             gate=gate,
-            moment_clip=ctx.value(self.moment_clip),
+            moment_clip=moment_clip,
             scratch=_reuse(updates, ctx),
+            scale=scale,
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))

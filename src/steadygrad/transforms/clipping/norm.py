@@ -17,7 +17,7 @@ from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
 from .common import ClipState, fraction_of, new_fraction
 
-__all__ = ["SCOPES", "ClipByNorm", "clip_by_norm", "clip_to_limit", "norm_clip_update"]
+__all__ = ["SCOPES", "ClipByNorm", "clip_by_norm", "clip_to_limit", "global_coefficient", "norm_clip_update"]
 
 SCOPES = ("global", "tensor")
 
@@ -51,19 +51,28 @@ def norm_clip_update(
         below 1.
     """
     if scope == "global":
-        n = total_norm(updates, norm_type) if norm is None else norm
-        coef = clip_coefficient(n, max_norm)
+        coef, fraction = global_coefficient(updates, max_norm=max_norm, norm_type=norm_type, norm=norm)
         if not inplace:
             updates = scaled(updates, coef)
         else:
             scale_(updates, coef)
-        return updates, (coef < 1).to(torch.float32)
+        return updates, fraction
     if scope != "tensor":
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     coefs = [clip_coefficient(n, max_norm) for n in tensor_norms(updates, norm_type)]
     for u, c in zip(updates, coefs):
         scale_([u], c)
     return updates, fraction_of([c < 1 for c in coefs], len(coefs))
+
+
+def global_coefficient(
+    updates: list[Tensor], *, max_norm: Scalar, norm_type: float = 2.0, norm: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The coefficient ``c`` of global norm clipping (``norm``: the global norm if the caller has
+    it) and the fraction clipped (1.0 if ``c < 1`` else 0.0), as 0-d tensors."""
+    n = total_norm(updates, norm_type) if norm is None else norm
+    coef = clip_coefficient(n, max_norm)
+    return coef, (coef < 1).to(torch.float32)
 
 
 def clip_to_limit(updates: list[Tensor], norm: Tensor, limit: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -98,6 +107,19 @@ class ClipByNorm(Transform):
 
     def init(self, params: Sequence[Tensor]) -> ClipState:
         return ClipState(fraction_clipped=new_fraction(params))
+
+    def update_scaled(self, updates, state, params=None, ctx=PLAIN):
+        """Global scope: the coefficient is left unapplied, for the caller to fold in (see
+        :attr:`~steadygrad.core.transform.StepContext.scale`); the updates are not touched."""
+        if self.scope != "global":
+            return super().update_scaled(updates, state, params, ctx)
+        coef, fraction = global_coefficient(
+            updates,
+            max_norm=ctx.value(self.max_norm),
+            norm_type=self.norm_type,
+            norm=ctx.norm if self.norm_type == 2.0 else None,
+        )
+        return updates, coef, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 
     def update(self, updates, state, params=None, ctx=PLAIN):
         norm = ctx.norm if self.scope == "global" and self.norm_type == 2.0 else None
