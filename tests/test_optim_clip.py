@@ -24,7 +24,7 @@ def grouped(params):
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_clip_by_norm_equals_clip_grad_norm_then_torch_step(name, norm_type, maximize, weight_decay):
+def test_clip_by_norm_equals_clip_grad_norm_then_torch_step(name, norm_type, maximize, weight_decay, kept_scratch):
     """The norm is over all groups together, exactly as torch.nn.utils.clip_grad_norm_. Without
     coupled weight decay the scalings fold the coefficient into their arithmetic (no scaled copy
     of the gradients); with it, it is applied first."""

@@ -58,7 +58,7 @@ def test_the_torch_lists_are_not_empty():
 
 
 @pytest.mark.parametrize(("name", "desc", "kwargs"), CPU_CASES, ids=[f"{n}-{d}" for n, d, _ in CPU_CASES])
-def test_parity_with_torch_optim(name, desc, kwargs):
+def test_parity_with_torch_optim(name, desc, kwargs, kept_scratch):
     params_t, opt_t, params_s, opt_s = run_pair(name, kwargs, kwargs)
     assert_same_run(params_s, opt_s, params_t, opt_t)
     # the parameter that has no gradient on some steps took fewer steps
@@ -78,7 +78,7 @@ def test_parity_on_torch_cuda_inputs(name, desc, kwargs):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1, "maximize": True}], ids=["default", "wd-maximize"])
-def test_parity_with_complex_parameters(name, kwargs):
+def test_parity_with_complex_parameters(name, kwargs, kept_scratch):
     if name == "RMSprop":
         kwargs = {**kwargs, "centered": True, "momentum": 0.5}
     if name.startswith("Adam"):
@@ -89,7 +89,7 @@ def test_parity_with_complex_parameters(name, kwargs):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_parity_in_float32(name):
+def test_parity_in_float32(name, kept_scratch):
     """float32 parameters: the same math in single precision stays within float32 rounding."""
     params_t = make_params(dtype=torch.float32)
     params_s = clone_params(params_t)

@@ -126,6 +126,11 @@ class StepContext:
             scaled copy: the adaptive scalings fold the factor into their own arithmetic
             (``takes_scale``); for every other transform the chain applies it first
             (:func:`apply_scale`).
+        scratch: ``None``, or kept memory for the step's large parameter-sized temporaries, aligned
+            with the parameters (a :class:`~steadygrad.core.workspace.Scratch`; the reference
+            executor provides one on the CPU, see :mod:`steadygrad.core.workspace`). A transform
+            may write a temporary there that is dead when the step ends (a denominator), never
+            state or updates it hands on.
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
@@ -133,6 +138,7 @@ class StepContext:
     norm: Tensor | None = None
     writable: bool = True
     scale: Any = None
+    scratch: Any = None
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as
@@ -155,13 +161,13 @@ class StepContext:
     def with_gate(self, gate: Tensor | None) -> StepContext:
         """This context with ``gate`` (already combined with the current one by the caller) and
         without ``norm`` (a gating caller zeroes the updates)."""
-        return StepContext(self.hyper, gate, None, self.writable, self.scale)
+        return StepContext(self.hyper, gate, None, self.writable, self.scale, self.scratch)
 
     def with_scale(self, scale: Any) -> StepContext:
         """This context with the pending factor ``scale`` (``None``: none)."""
         if scale is None and self.scale is None:
             return self
-        return StepContext(self.hyper, self.gate, self.norm, self.writable, scale)
+        return StepContext(self.hyper, self.gate, self.norm, self.writable, scale, self.scratch)
 
     def after(self, given: list[Tensor], returned: list[Tensor], scale: Any = None) -> StepContext:
         """The context for the next transform of a chain, which gets ``returned`` (carrying the
@@ -170,7 +176,7 @@ class StepContext:
         writable = self.writable or not given or returned[0] is not given[0]
         if self.norm is None and writable == self.writable and scale is None and self.scale is None:
             return self
-        return StepContext(self.hyper, self.gate, None, writable, scale)
+        return StepContext(self.hyper, self.gate, None, writable, scale, self.scratch)
 
 
 def apply_scale(updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], StepContext]:
@@ -186,7 +192,7 @@ def apply_scale(updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], 
         scale_(updates, factor)
     else:
         updates = scaled(updates, factor)
-    return updates, StepContext(ctx.hyper, ctx.gate, ctx.norm, True, None)
+    return updates, StepContext(ctx.hyper, ctx.gate, ctx.norm, True, None, ctx.scratch)
 
 
 def _settle(t: Transform, updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], StepContext]:

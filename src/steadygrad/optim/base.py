@@ -36,6 +36,7 @@ from ..core.params import check_ordered
 from ..core.state import Replicated
 from ..core.transform import Hyper, Transform
 from ..core.validate import Range, check_group, check_range
+from ..core.workspace import Workspace
 from ..kernels.fused import FusedExecutor
 from .program import StepProgram, structure_key
 
@@ -90,6 +91,7 @@ class TransformOptimizer(Optimizer):
         self.clip = clip
         self._programs: dict[Any, StepProgram] = {}
         self._fused: FusedExecutor | None = None
+        self._workspace = Workspace()
         super().__init__(params, defaults)
         if defaults.get("fused", None):
             self._fused = FusedExecutor()
@@ -126,6 +128,8 @@ class TransformOptimizer(Optimizer):
     def _invalidate(self) -> None:
         if getattr(self, "_programs", None) is not None:
             self._programs.clear()
+        if getattr(self, "_workspace", None) is not None:
+            self._workspace.clear()
         if getattr(self, "_fused", None) is not None:
             self._fused.invalidate()
 
@@ -154,7 +158,7 @@ class TransformOptimizer(Optimizer):
         program = self.program()
         if self._fused is not None and self._fused.step(program, self.param_groups, self.state):
             return loss
-        program.run(self.param_groups, self.state)
+        program.run(self.param_groups, self.state, self._workspace)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -215,6 +219,7 @@ class TransformOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._programs = {}
+        self._workspace = Workspace()
         self._fused = FusedExecutor() if self.defaults.get("fused", None) else None
         for group in self.param_groups:
             for key, value in self.defaults.items():

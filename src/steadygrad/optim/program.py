@@ -35,6 +35,7 @@ from torch import Tensor
 from ..core.state import Replicated, StateLayout
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, Transform, coarsest_structure
+from ..core.workspace import Workspace
 
 __all__ = ["CLIP_NAMESPACE", "GROUP_NAMESPACE", "GroupStep", "StepProgram", "structure_key"]
 
@@ -121,9 +122,15 @@ class StepProgram:
 
     # ---- the reference executor -----------------------------------------------------------------
 
-    def run(self, param_groups: Sequence[Mapping[str, Any]], store: MutableMapping[Any, dict]) -> None:
+    def run(
+        self,
+        param_groups: Sequence[Mapping[str, Any]],
+        store: MutableMapping[Any, dict],
+        workspace: Workspace | None = None,
+    ) -> None:
         """One step on the parameters' own tensors: grouped foreach operations, state in ``store``
-        (``opt.state``). Parameters without a gradient are not stepped."""
+        (``opt.state``), large temporaries in ``workspace`` (on the CPU; see
+        :mod:`steadygrad.core.workspace`). Parameters without a gradient are not stepped."""
         work = []
         for g, group in zip(self.groups, param_groups):
             params = [p for p in group["params"] if p.grad is not None]
@@ -161,7 +168,12 @@ class StepProgram:
                 params,
                 updates,
                 Replicated(store, group["params"]),
-                StepContext(group, writable=writable, scale=scale),
+                StepContext(
+                    group,
+                    writable=writable,
+                    scale=scale,
+                    scratch=None if workspace is None else workspace.scratch(params),
+                ),
                 apply=True,
                 step_on_device=g.step_on_device,
             )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -49,6 +50,7 @@ from ..core.tensorlist import (
 )
 from ..core.transform import PLAIN, Quotient, Transform, apply_scale
 from ..core.validate import check_betas, check_bool, check_range
+from ..core.workspace import Scratch, compute_into
 from .clipping.common import new_fraction
 from .clipping.moment import moment_clip_
 
@@ -68,13 +70,16 @@ __all__ = [
 ]
 
 
-def _denominator(v: list[Tensor], eps: Scalar, eps_in_sqrt: bool) -> list[Tensor]:
-    """A new list ``sqrt(v) + eps``, or ``sqrt(v + eps)`` with ``eps_in_sqrt``."""
+def _denominator(v: list[Tensor], eps: Scalar, eps_in_sqrt: bool, scratch: Scratch | None = None) -> list[Tensor]:
+    """A new list ``sqrt(v) + eps``, or ``sqrt(v + eps)`` with ``eps_in_sqrt`` (large tensors in
+    ``scratch`` when given: :mod:`steadygrad.core.workspace`)."""
     if eps_in_sqrt:
-        den = torch._foreach_add(v, eps)
+        den = compute_into(
+            scratch, lambda x, out: torch.add(x, eps, out=out), lambda xs: torch._foreach_add(xs, eps), v
+        )
         torch._foreach_sqrt_(den)
     else:
-        den = torch._foreach_sqrt(v)
+        den = compute_into(scratch, torch.sqrt, torch._foreach_sqrt, v)
         add_scalar_(den, eps)
     return den
 
@@ -121,6 +126,7 @@ def rss_update(
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
     scale: float = 1.0,
+    scratch: Scratch | None = None,
 ) -> Quotient:
     """Adagrad's scaling: updates ``sums`` and ``steps`` in place, returns the updates.
 
@@ -129,11 +135,12 @@ def rss_update(
         u = \\frac{g}{(1 + (t-1)\\,\\text{lr\\_decay})\\,(\\sqrt{s} + \\epsilon)}
 
     ``scale``: the gradient is ``scale · grads`` (a clipping coefficient folded in, see
-    :attr:`~steadygrad.core.transform.StepContext.scale`).
+    :attr:`~steadygrad.core.transform.StepContext.scale`). ``scratch``: kept memory for the
+    denominator (:mod:`steadygrad.core.workspace`).
     """
     advance_(steps, gate)
     addcmul_(sums, grads, grads, scaled_rate(gate_open_per_tensor(gate, sums), scale * scale))
-    den = _denominator(sums, eps, eps_in_sqrt)
+    den = _denominator(sums, eps, eps_in_sqrt, scratch)
     if not isinstance(lr_decay, Tensor) and lr_decay == 0:
         return Quotient(grads, den, scale)
     counts = None if isinstance(lr_decay, Tensor) else host_steps(steps)
@@ -219,6 +226,7 @@ class ScaleByRss(_Scaling):
             eps_in_sqrt=self.eps_in_sqrt,
             gate=ctx.gate,
             scale=scale,
+            scratch=ctx.scratch,
         )
         return pending, state
 
@@ -279,10 +287,11 @@ def rms_update(
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
     scale: float = 1.0,
+    scratch: Scratch | None = None,
 ) -> tuple[Quotient, Tensor | None]:
     """RMSProp's scaling: updates the state in place, returns the updates; centered iff
     ``grad_avg`` is given. ``scale``: the gradient is ``scale · grads`` (as for
-    :func:`rss_update`; 1 with ``moment_clip``).
+    :func:`rss_update`; 1 with ``moment_clip``); ``scratch``: as for :func:`rss_update`.
 
     .. math::
         v \\leftarrow \\alpha v + (1-\\alpha) g^2,\\quad
@@ -301,7 +310,14 @@ def rms_update(
     advance_(steps, gate)
     if grad_avg is not None:
         ema_(grad_avg, grads, alpha, gate, scale)
-        v = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
+        v = compute_into(
+            scratch,
+            partial(torch.addcmul, value=-1),
+            partial(torch._foreach_addcmul, value=-1),
+            square_avg,
+            grad_avg,
+            grad_avg,
+        )
         if eps_in_sqrt:
             add_scalar_(v, eps)
             torch._foreach_sqrt_(v)
@@ -310,7 +326,7 @@ def rms_update(
             add_scalar_(v, eps)
         den = v
     else:
-        den = _denominator(square_avg, eps, eps_in_sqrt)
+        den = _denominator(square_avg, eps, eps_in_sqrt, scratch)
     return Quotient(grads, den, scale), fraction
 
 
@@ -356,6 +372,7 @@ class ScaleByRms(_MomentClipped):
             gate=gate,
             moment_clip=moment_clip,
             scale=scale,
+            scratch=ctx.scratch,
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
@@ -412,10 +429,11 @@ class ScaleByAdamState(NamedTuple):
     moment_clip_fraction: Tensor | None = None
 
 
-def _sqrt_of(values: list[Tensor], scratch: list[Tensor] | None) -> list[Tensor]:
-    """``sqrt(values)``, in ``scratch`` when given (a buffer the step owns and no longer needs)."""
-    if scratch is None:
-        return torch._foreach_sqrt(values)
+def _sqrt_of(values: list[Tensor], scratch: Scratch | list[Tensor] | None) -> list[Tensor]:
+    """``sqrt(values)``: in a workspace's :class:`~steadygrad.core.workspace.Scratch`, in a list of
+    tensors the step owns and no longer needs, or new."""
+    if scratch is None or isinstance(scratch, Scratch):
+        return compute_into(scratch, torch.sqrt, torch._foreach_sqrt, values)
     torch._foreach_copy_(scratch, values)
     torch._foreach_sqrt_(scratch)
     return scratch
@@ -428,14 +446,16 @@ def _adam_quotient(
     bc2: list[Any],
     eps: Scalar,
     eps_in_sqrt: bool,
-    scratch: list[Tensor] | None = None,
+    scratch: Scratch | list[Tensor] | None = None,
 ) -> Quotient:
     """Adam's update ``m/(1−β1^t) / (sqrt(v/(1−β2^t)) + eps)`` as the quotient
     ``sqrt(1−β2^t)/(1−β1^t) · m / (sqrt(v) + eps·sqrt(1−β2^t))``: the second bias correction moves
     into the numerator's factor, which saves a pass over ``v`` (with ``eps_in_sqrt``:
     ``1/(1−β1^t) · m / sqrt(v/(1−β2^t) + eps)``). The denominator goes into ``scratch`` if given."""
     if eps_in_sqrt:
-        den = torch._foreach_div(second, bc2)
+        den = compute_into(
+            scratch if isinstance(scratch, Scratch) else None, torch.div, torch._foreach_div, second, bc2
+        )
         add_scalar_(den, eps)
         torch._foreach_sqrt_(den)
         return Quotient(exp_avg, den, [1 / b1 for b1 in bc1])
@@ -461,13 +481,14 @@ def adam_update(
     eps_in_sqrt: bool,
     gate: Tensor | None = None,
     moment_clip: Scalar | None = None,
-    scratch: bool = False,
+    scratch: Scratch | list[Tensor] | None = None,
     scale: float = 1.0,
 ) -> tuple[Quotient, Tensor | None]:
     """Adam's scaling: updates the state in place, returns the updates; amsgrad iff
-    ``max_exp_avg_sq`` is given. With ``scratch``, ``grads`` (owned by the caller, dead once the
-    moments are updated) hold the denominator. ``scale``: the gradient is ``scale · grads`` (as
-    for :func:`rss_update`; 1 with ``moment_clip``).
+    ``max_exp_avg_sq`` is given. ``scratch``: where the denominator goes, a workspace's
+    :class:`~steadygrad.core.workspace.Scratch` or tensors the caller owns and no longer needs once
+    the moments are updated (``grads`` themselves), else new tensors. ``scale``: the gradient is
+    ``scale · grads`` (as for :func:`rss_update`; 1 with ``moment_clip``).
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
@@ -495,7 +516,7 @@ def adam_update(
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
-    return _adam_quotient(exp_avg, second, bc1, bc2, eps, eps_in_sqrt, grads if scratch else None), fraction
+    return _adam_quotient(exp_avg, second, bc1, bc2, eps, eps_in_sqrt, scratch), fraction
 
 
 @dataclass(frozen=True)
@@ -543,7 +564,7 @@ class ScaleByAdam(_MomentClipped):
             eps_in_sqrt=self.eps_in_sqrt,
             gate=gate,
             moment_clip=moment_clip,
-            scratch=_reuse(updates, ctx),
+            scratch=ctx.scratch if ctx.scratch is not None else updates if _reuse(updates, ctx) else None,
             scale=scale,
         )
         if fraction is not None:
