@@ -8,6 +8,8 @@ helpers here hide the few foreach operations that accept only one of the two.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
@@ -153,7 +155,14 @@ def _cpu_scalar(value: Scalar, tensors: Sequence[Tensor]) -> Scalar:
     if first.dtype not in _TENSOR_SCALAR_DTYPES or not first.is_cpu or len(dtypes(tensors)) != 1:
         return value
     # (A 0-d CPU tensor is a scalar for tensors on any device, so the first one decides.)
-    return torch.tensor(value, dtype=first.dtype)
+    return _scalar_tensor(value, math.copysign(1.0, value), first.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar_tensor(value: float, sign: float, dtype: torch.dtype) -> Tensor:
+    """A 0-d CPU tensor holding ``value``, shared (it is only ever read); ``sign`` keeps 0.0 and
+    -0.0, which compare equal, apart."""
+    return torch.tensor(value, dtype=dtype)
 
 
 def mul_scalar_(tensors: list[Tensor], value: Scalar) -> None:

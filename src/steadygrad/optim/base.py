@@ -26,6 +26,7 @@ State layout
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from operator import is_
 from typing import Any, ClassVar
 
 import torch
@@ -89,6 +90,7 @@ class TransformOptimizer(Optimizer):
         # param_groups (and state_dict) are torch's.
         defaults = {k: v for k, v in defaults.items() if k not in self.EXTRAS or not _is_default(v, self.EXTRAS[k])}
         self.clip = clip
+        self._last_program: tuple[list, StepProgram, Any] | None = None
         self._programs: dict[Any, StepProgram] = {}
         self._fused: FusedExecutor | None = None
         self._workspace = Workspace()
@@ -126,6 +128,7 @@ class TransformOptimizer(Optimizer):
         self._invalidate()
 
     def _invalidate(self) -> None:
+        self._last_program = None
         if getattr(self, "_programs", None) is not None:
             self._programs.clear()
         if getattr(self, "_workspace", None) is not None:
@@ -137,6 +140,13 @@ class TransformOptimizer(Optimizer):
 
     def program(self) -> StepProgram:
         """The step program for the groups' current structure (built on first use)."""
+        # The groups' options as the very same objects as at the last step: the same program
+        # (an LR scheduler's new number or a structural edit computes the key again).
+        options = [(tuple(g), tuple(g.values())) for g in self.param_groups]
+        last = self._last_program
+        if last is not None and len(last[0]) == len(options) and last[2] is self.clip:
+            if all(_same(a, b) for a, b in zip(options, last[0])):
+                return last[1]
         init = tuple(tuple(g.get(k) for k in self.INIT_OPTIONS) for g in self.param_groups)
         key = (structure_key(self.param_groups), init, id(self.clip))
         program = self._programs.get(key)
@@ -146,6 +156,7 @@ class TransformOptimizer(Optimizer):
             transforms = [self.build_transform(group) for group in self.param_groups]
             program = StepProgram.build(key, transforms, self.param_groups, self.clip)
             self._programs[key] = program
+        self._last_program = (options, program, self.clip)
         return program
 
     @torch.no_grad()
@@ -218,6 +229,7 @@ class TransformOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._last_program = None
         self._programs = {}
         self._workspace = Workspace()
         self._fused = FusedExecutor() if self.defaults.get("fused", None) else None
@@ -228,6 +240,11 @@ class TransformOptimizer(Optimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+
+def _same(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:
+    """Whether two snapshots ``(keys, values)`` of a param group hold the very same objects."""
+    return len(a[1]) == len(b[1]) and all(map(is_, a[0], b[0])) and all(map(is_, a[1], b[1]))
 
 
 def _is_default(value: Any, default: Any) -> bool:
