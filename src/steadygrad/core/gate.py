@@ -3,10 +3,12 @@
 A step that must leave no trace (non-finite gradients, a GradScaler skip) is decided on the
 device: the caller computes a 0-d gate (non-zero: commit, 0: skip) and hands it to the
 transforms in :class:`~steadygrad.core.transform.StepContext`. Each stateful transform then
-*selects* between its new and its old state (``torch.where``, or an EMA whose decay and rate are
-selected as ``(β, 1 − β)`` or ``(1, 0)``), so that a closed gate leaves the state bit-for-bit
-unchanged for finite inputs; callers zero bad gradients first (:func:`zero_unless_`). Nothing here
-reads a tensor on the host.
+*selects* between its new and its old state (``torch.where``: :func:`select_`,
+:func:`commit_select`), so that a closed gate leaves the state bit-for-bit unchanged whatever the
+new values are: inf and NaN from a bad gradient, or 0/0 from a zeroed one in float16, where
+``eps`` rounds to 0. A gate never multiplies (``NaN · 0`` is NaN). The new values are computed
+with the very operations of an ungated step, so an open gate gives an ungated step's bits. Nothing
+here reads a tensor on the host.
 """
 
 from __future__ import annotations
@@ -25,12 +27,9 @@ __all__ = [
     "count_nonfinite",
     "ema_",
     "ema_square_",
-    "gate_ema",
-    "gate_ema_per_tensor",
     "gate_increment",
-    "gate_open_per_tensor",
     "nonfinite_counts",
-    "scaled_rate",
+    "select_",
     "zero_unless_",
 ]
 
@@ -56,41 +55,23 @@ def commit_select(gate: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(open_, new, on_device(old, new.device).to(new.dtype))
 
 
-def gate_ema(beta: Scalar, gate: Tensor | None, device: torch.device) -> tuple[Scalar, Scalar]:
-    """The ``(decay, rate)`` of an EMA ``v ← decay·v + rate·x`` under the commit gate.
+def _open_masks(gate: Tensor, tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:
+    return {d: on_device(gate, d) != 0 for d in {t.device for t in tensors}}
 
-    ``(β, 1 − β)`` without a gate (returned as given, numbers stay numbers); with a gate,
-    0-d float64 tensors on ``device``: ``(β, 1 − β)`` where it is open and ``(1, 0)`` where it is
-    closed, so that a closed gate leaves ``v`` bit-for-bit unchanged (for finite ``x``).
-    """
+
+def select_(old: Sequence[Tensor], new: Sequence[Tensor], gate: Tensor | None) -> None:
+    """``old ← new`` in place where the gate is open, ``old`` unchanged where it is closed
+    (``torch.where``: inf/NaN in ``new`` do not reach ``old``). Without a gate a plain copy."""
     if gate is None:
-        return beta, 1 - beta
-    open_ = on_device(gate, device) != 0
-    if isinstance(beta, Tensor):
-        b = beta.to(device=device, dtype=torch.float64)
-    else:
-        b = torch.tensor(beta, dtype=torch.float64, device=device)
-    return torch.where(open_, b, 1.0), torch.where(open_, 1 - b, 0.0)
-
-
-def gate_ema_per_tensor(
-    beta: Scalar, gate: Tensor | None, tensors: Sequence[Tensor]
-) -> tuple[Scalar | list[Tensor], Scalar | list[Tensor]]:
-    """:func:`gate_ema` for a list of tensors: numbers without a gate, else one ``(decay, rate)``
-    0-d tensor per tensor, on its device (foreach operations take such lists)."""
-    if gate is None:
-        return beta, 1 - beta
-    by_device = {d: gate_ema(beta, gate, d) for d in {t.device for t in tensors}}
-    return [by_device[t.device][0] for t in tensors], [by_device[t.device][1] for t in tensors]
-
-
-def gate_open_per_tensor(gate: Tensor | None, tensors: Sequence[Tensor]) -> Scalar | list[Tensor]:
-    """1 without a gate, else one 0-d float64 tensor per tensor on its device: 1 where the gate is
-    open, 0 where it is closed (a rate that freezes a sum, or an update, under a closed gate)."""
-    if gate is None:
-        return 1
-    by_device = {d: (on_device(gate, d) != 0).to(torch.float64) for d in {t.device for t in tensors}}
-    return [by_device[t.device] for t in tensors]
+        torch._foreach_copy_(list(old), list(new))
+        return
+    masks = _open_masks(gate, old)
+    compiling = torch.compiler.is_compiling()
+    for o, n in zip(old, new):
+        if compiling:
+            o.copy_(torch.where(masks[o.device], n, o))
+        else:
+            torch.where(masks[o.device], n, o, out=o)
 
 
 def gate_increment(gate: Tensor | None, counter: Tensor) -> Scalar:
@@ -102,12 +83,16 @@ def gate_increment(gate: Tensor | None, counter: Tensor) -> Scalar:
 
 
 def advance_(counters: Sequence[Tensor], gate: Tensor | None) -> None:
-    """Step counters ``t ← t + 1`` in place, or ``t + gate`` under the commit gate."""
+    """Step counters ``t ← t + 1`` in place, or ``t + 1`` / ``t + 0`` under an open / closed
+    commit gate (exact: counters are whole numbers)."""
     if gate is None:
         add_scalar_(list(counters), 1.0)
-    else:
-        for c in counters:
-            c.add_(gate_increment(gate, c))
+        return
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for c in counters:
+        by_kind.setdefault((c.device, c.dtype), []).append(c)
+    for group in by_kind.values():
+        torch._foreach_add_(group, gate_increment(gate, group[0]), alpha=1)
 
 
 def nonfinite_counts(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -135,38 +120,41 @@ def zero_unless_(tensors: Sequence[Tensor], ok: Tensor) -> None:
         t.masked_fill_(bad if bad.device == t.device else bad.to(t.device), 0)
 
 
-def scaled_rate(rate: Scalar | list[Tensor], factor: float) -> Scalar | list[Tensor]:
-    """``rate · factor`` for a rate that is a number, a 0-d tensor or one 0-d tensor per tensor."""
-    if factor == 1:
-        return rate
-    if isinstance(rate, list):
-        return [r * factor for r in rate]
-    return rate * factor
-
-
 def ema_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None, scale: float = 1.0) -> None:
-    """``m ← β·m + (1 − β)·s·x`` in place (``lerp`` for ``s = 1``), frozen under a closed gate.
-    ``scale`` (``s``): a factor ``x`` still carries (:attr:`~steadygrad.core.transform.StepContext.scale`)."""
-    decay, rate = gate_ema_per_tensor(beta, gate, avg)
-    if scale == 1:
-        torch._foreach_lerp_(avg, x, rate)
-        return
-    mul_scalar_(avg, decay)
-    rate = scaled_rate(rate, scale)
-    if isinstance(rate, Tensor):
-        rate = [rate] * len(avg)
-    if isinstance(rate, list):
-        torch._foreach_addcmul_(avg, x, rate)
+    """``m ← β·m + (1 − β)·s·x`` in place (``lerp`` for ``s = 1``), unchanged under a closed
+    gate. ``scale`` (``s``): a factor ``x`` still carries (:attr:`~steadygrad.core.transform.StepContext.scale`)."""
+    if gate is not None:
+        if scale == 1:
+            new = torch._foreach_lerp(avg, x, 1 - beta)
+        else:
+            new = torch._foreach_mul(avg, beta)
+            _add_scaled_(new, x, (1 - beta) * scale)
+        select_(avg, new, gate)
+    elif scale == 1:
+        torch._foreach_lerp_(avg, x, 1 - beta)
     else:
-        torch._foreach_add_(avg, x, alpha=rate)
+        mul_scalar_(avg, beta)
+        _add_scaled_(avg, x, (1 - beta) * scale)
+
+
+def _add_scaled_(out: list[Tensor], x: list[Tensor], rate: Scalar) -> None:
+    """``out ← out + rate·x`` in place (``rate`` a number or a 0-d tensor)."""
+    if isinstance(rate, Tensor):
+        torch._foreach_addcmul_(out, x, [rate] * len(out))
+    else:
+        torch._foreach_add_(out, x, alpha=rate)
 
 
 def ema_square_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None, scale: float = 1.0) -> None:
-    """``v ← β·v + (1 − β)·(s·x)²`` in place (``x`` widened to ``v``'s dtype), frozen under a
-    closed gate: the second moment of RMSprop, Adam and OpenAI Five's clipping. ``scale``: as
-    for :func:`ema_`."""
+    """``v ← β·v + (1 − β)·(s·x)²`` in place (``x`` widened to ``v``'s dtype), unchanged under a
+    closed gate: the second moment of RMSprop, Adam and OpenAI Five's clipping. ``scale``: as for
+    :func:`ema_`."""
     if dtypes(x) != dtypes(avg) or len(dtypes(avg)) > 1:
         x = [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(x, avg)]
-    decay, rate = gate_ema_per_tensor(beta, gate, avg)
-    mul_scalar_(avg, decay)
-    addcmul_(avg, x, x, scaled_rate(rate, scale * scale))
+    if gate is not None:
+        new = torch._foreach_mul(avg, beta)
+        addcmul_(new, x, x, (1 - beta) * (scale * scale))
+        select_(avg, new, gate)
+        return
+    mul_scalar_(avg, beta)
+    addcmul_(avg, x, x, (1 - beta) * (scale * scale))

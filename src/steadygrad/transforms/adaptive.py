@@ -36,7 +36,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.gate import advance_, commit_select, ema_, ema_square_, gate_open_per_tensor, scaled_rate
+from ..core.gate import advance_, commit_select, ema_, ema_square_, select_
 from ..core.tensorlist import (
     Scalar,
     add_scalar_,
@@ -139,7 +139,10 @@ def rss_update(
     denominator (:mod:`steadygrad.core.workspace`).
     """
     advance_(steps, gate)
-    addcmul_(sums, grads, grads, scaled_rate(gate_open_per_tensor(gate, sums), scale * scale))
+    if gate is None:
+        addcmul_(sums, grads, grads, scale * scale)
+    else:
+        select_(sums, torch._foreach_addcmul(sums, grads, grads, value=scale * scale), gate)
     den = _denominator(sums, eps, eps_in_sqrt, scratch)
     if not isinstance(lr_decay, Tensor) and lr_decay == 0:
         return Quotient(grads, den, scale)

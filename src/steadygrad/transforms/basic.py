@@ -9,7 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.gate import gate_ema_per_tensor, gate_open_per_tensor
+from ..core.gate import select_
 from ..core.tensorlist import mul_scalar_, zeros_like
 from ..core.transform import PLAIN, Dense, EmptyState, Hyper, Transform
 from ..core.validate import check_bool, check_range
@@ -51,11 +51,13 @@ class Trace(Transform):
     def _advance(self, updates: list[Tensor], state: TraceState, ctx: Any) -> tuple[list[Tensor], Any]:
         momentum = ctx.value(self.momentum)
         buf = state.momentum_buffer
-        gate = ctx.gate
-        mul_scalar_(buf, gate_ema_per_tensor(momentum, gate, buf)[0])
-        torch._foreach_add_(
-            buf, updates if gate is None else torch._foreach_mul(updates, gate_open_per_tensor(gate, buf))
-        )
+        if ctx.gate is None:
+            mul_scalar_(buf, momentum)
+            torch._foreach_add_(buf, updates)
+        else:
+            new = torch._foreach_mul(buf, momentum)
+            torch._foreach_add_(new, updates)
+            select_(buf, new, ctx.gate)
         return buf, momentum
 
     def update(self, updates, state, params=None, ctx=PLAIN):
