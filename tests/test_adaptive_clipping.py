@@ -295,8 +295,8 @@ def test_closed_commit_gate_leaves_no_trace(name):
         for o, r in zip(out, ref_outs[i]):
             assert torch.equal(o, r)
         assert_bitwise(comparable(state, name), comparable(ref_states[i], name))
-    if name == "autoclip":
-        assert state.norm_history.shape[0] == len(grads_seq) + len(BAD_STEPS)
+    if name == "autoclip":  # doubled from 64 slots when the committed norms filled it
+        assert state.norm_history.shape[0] == 64 and int(state.num_norms) == len(grads_seq)
     elif name == "autoclip_ring":
         assert_bitwise(state, ref_states[-1])
 
@@ -379,7 +379,7 @@ def clipper_run(name, grads_seq, bad_steps=(), stop_at=None):
             for p, g in zip(params, bad_grads(grads, "nan")):
                 p.grad = g
             stats = clipper.clip_()
-            assert bool(stats.skipped) and all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+            assert bool(stats.skipped) and all(p.grad is None for p in params)
         for p, g in zip(params, grads):
             p.grad = g.clone()
         stats = clipper.clip_()

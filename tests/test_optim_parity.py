@@ -126,6 +126,6 @@ def test_default_hyperparameters_match_torch():
         for arg, p in sig_t.items():
             assert sig_s[arg].default == p.default, (name, arg)
             assert sig_s[arg].kind == p.kind, (name, arg)
-        extras = ["eps_in_sqrt", "clip"] + ([] if name == "Adagrad" else ["moment_clip"])
+        extras = ["eps_in_sqrt", "clip"] + ([] if name == "Adagrad" else ["moment_clip"]) + ["nonfinite"]
         extras += ["fused"] if name == "RMSprop" else []
         assert [a for a in sig_s if a not in sig_t] == extras, name

@@ -6,7 +6,7 @@
     loss.backward()
     scaler.unscale_(opt)          # with AMP: clip the true gradients, never the scaled ones
     stats = clipper.clip_()       # in place on .grad
-    opt.step()                    # a skipped step has zero gradients (see below)
+    opt.step()                    # after a skipped step .grad is None: nothing moves (see below)
 
 A :class:`Clipper` runs a clipping transform (:mod:`steadygrad.transforms.clipping`, or any
 chain) in place on the ``.grad`` of its parameters and keeps the transform's state between steps,
@@ -72,13 +72,15 @@ class Clipper:
         transform: a clipping transform, a chain, or a list/tuple of transforms (chained).
         nonfinite: what to do when a gradient holds inf or NaN:
 
-            * ``"skip"`` (default): zero *all* the gradients and leave every statistic, moving
-              average, history and step counter of the transform exactly as it was. Decided on
-              the device: the transform runs under :func:`~steadygrad.core.transform.gated`
-              ``(ok)`` on gradients zeroed when not ``ok``; no host sync. A following
-              ``opt.step()`` then sees zero gradients: momentum optimizers still move (and
-              decay their moments), so skip it with ``if not stats.skipped`` (a host read) or
-              let a GradScaler decide (pass ``commit``).
+            * ``"skip"`` (default): leave every statistic, moving average, history and step
+              counter of the transform exactly as it was (the transform runs under a closed
+              commit gate, :mod:`steadygrad.core.gate`) and set *every* ``.grad`` to ``None``,
+              so that the following ``opt.step()`` of any optimizer, torch's or steadygrad's,
+              skips every parameter: parameters and optimizer state stay bit-identical (a step
+              counter does not advance either). Deciding to drop the gradients reads
+              ``skipped`` on the host: one device sync per call on an accelerator. A
+              steadygrad optimizer's own ``nonfinite="skip"`` (with ``clip=`` for the clipping)
+              decides on the device instead.
             * ``"raise"``: raise ``RuntimeError`` naming the first offending parameter. This reads
               the count on the host: one device sync per step.
             * ``"ignore"``: no check; the non-finite values go through the transform (and
@@ -133,12 +135,13 @@ class Clipper:
         Args:
             commit: an optional 0-d tensor, 0 when this step will not be taken (e.g. the
                 GradScaler found inf/NaN and will skip ``opt.step()``): the step is then treated
-                as skipped (gradients zeroed, state untouched, ``skipped`` true) whatever
-                ``nonfinite`` says. 1 (or any non-zero value) lets the step count.
+                as skipped (state untouched, ``skipped`` true; the gradients set to ``None``
+                with ``nonfinite="skip"``, else zeroed) whatever ``nonfinite`` says. 1 (or any
+                non-zero value) lets the step count.
 
         Returns:
-            :class:`ClipStats`, all tensors on the device of the first gradient; nothing is read
-            on the host (except with ``nonfinite="raise"``).
+            :class:`ClipStats`, all tensors on the device of the first gradient; read on the host:
+            ``skipped`` with ``nonfinite="skip"``, the non-finite count with ``"raise"``.
 
         Raises:
             RuntimeError: ``nonfinite="raise"`` and a gradient holds inf/NaN (nothing is changed);
@@ -194,6 +197,9 @@ class Clipper:
             skipped = ok.logical_not()
         else:
             skipped = torch.zeros((), dtype=torch.bool, device=device)
+        if self.nonfinite == "skip" and grads and bool(skipped):  # the documented host read
+            for p in params:
+                p.grad = None
         return ClipStats(norm, clipped_norm, fraction, nonfinite, skipped)
 
     def _fraction(self, device: torch.device | None) -> Tensor:

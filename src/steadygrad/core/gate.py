@@ -13,15 +13,17 @@ here reads a tensor on the host.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .tensorlist import Scalar, add_scalar_, addcmul_, dtypes, mul_scalar_, on_device
+from .tensorlist import Scalar, add_scalar_, addcmul_, dtypes, group_by_device_dtype, mul_scalar_, on_device
 
 __all__ = [
     "advance_",
+    "all_finite",
     "combine_gates",
     "commit_select",
     "count_nonfinite",
@@ -93,6 +95,23 @@ def advance_(counters: Sequence[Tensor], gate: Tensor | None) -> None:
         by_kind.setdefault((c.device, c.dtype), []).append(c)
     for group in by_kind.values():
         torch._foreach_add_(group, gate_increment(gate, group[0]), alpha=1)
+
+
+def all_finite(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """A 0-d bool tensor: whether every element of every tensor is finite. One foreach max-abs
+    (infinity norm: NaN and inf propagate, a finite maximum is finite) per device and dtype,
+    instead of an ``isfinite`` and a count per tensor. On the first tensor's device (``device``,
+    else the CPU, when there are none); nothing is read on the host."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    maxima = []
+    for indices in group_by_device_dtype(tensors).values():
+        maxima += torch._foreach_norm([tensors[i] for i in indices], math.inf)
+    first = maxima[0].device
+    if len(maxima) == 1:
+        return maxima[0].isfinite()
+    return torch.stack([m.to(device=first, dtype=torch.float32) for m in maxima]).isfinite().all()
 
 
 def nonfinite_counts(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -61,6 +61,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from .gate import select_
 from .tensorlist import mul_scalar_
 
 __all__ = [
@@ -229,10 +230,19 @@ class Dense(NamedTuple):
 
     def add_to_(self, params: list[Tensor], factor: Any = 1.0) -> None:
         """``params += factor · u`` (the tensors are read, not written)."""
+        self._add(params, factor, True)
+
+    def added(self, params: list[Tensor], factor: Any = 1.0) -> list[Tensor]:
+        """``params + factor · u`` as new tensors, computed as :meth:`add_to_` computes it."""
+        return self._add(params, factor, False)
+
+    def _add(self, params: list[Tensor], factor: Any, inplace: bool) -> list[Tensor]:
+        add = torch._foreach_add_ if inplace else torch._foreach_add
         if _is_number(factor):
-            torch._foreach_add_(params, self.tensors, alpha=factor)
+            out = add(params, self.tensors, alpha=factor)
         else:
-            torch._foreach_add_(params, torch._foreach_mul(self.tensors, factor))
+            out = add(params, torch._foreach_mul(self.tensors, factor))
+        return params if inplace else out
 
 
 class Quotient(NamedTuple):
@@ -258,17 +268,26 @@ class Quotient(NamedTuple):
 
     def add_to_(self, params: list[Tensor], factor: Any = 1.0) -> None:
         """``params += factor · u`` in one pass where the factors are numbers."""
+        self._add(params, factor, True)
+
+    def added(self, params: list[Tensor], factor: Any = 1.0) -> list[Tensor]:
+        """``params + factor · u`` as new tensors, computed as :meth:`add_to_` computes it."""
+        return self._add(params, factor, False)
+
+    def _add(self, params: list[Tensor], factor: Any, inplace: bool) -> list[Tensor]:
         scales = self._scales(factor)
         if isinstance(scales, list) and scales and all(map(_is_number, scales)) and len(set(scales)) == 1:
             scales = scales[0]  # one number: no list of scalars to convert per tensor
+        addcdiv = torch._foreach_addcdiv_ if inplace else torch._foreach_addcdiv
         if _is_number(scales):
-            torch._foreach_addcdiv_(params, self.num, self.den, value=scales)
+            out = addcdiv(params, self.num, self.den, value=scales)
         elif isinstance(scales, list) and all(map(_is_number, scales)):
-            torch._foreach_addcdiv_(params, self.num, self.den, scales)
+            out = addcdiv(params, self.num, self.den, scales)
         else:
             u = torch._foreach_div(self.num, self.den)
             torch._foreach_mul_(u, scales)
-            torch._foreach_add_(params, u)
+            out = (torch._foreach_add_ if inplace else torch._foreach_add)(params, u)
+        return params if inplace else out
 
 
 class Transform:
@@ -331,10 +350,11 @@ class Transform:
         return None
 
     def apply_(self, params: list[Tensor], updates: list[Tensor], state: Any, ctx: StepContext = PLAIN) -> Any:
-        """``update``, then ``params += updates`` in place; returns the new state."""
+        """``update``, then ``params += updates`` in place (kept as they were under a closed
+        ``ctx.gate``); returns the new state."""
         updates, ctx = _settle(self, updates, ctx)
         pending, state = self.update_pending(updates, state, params, ctx)
-        pending.add_to_(params)
+        _apply_gated(params, pending, 1.0, 0.0, ctx.gate)
         return state
 
 
@@ -442,10 +462,26 @@ class Chain(Transform):
         for t in self.transforms[tail:]:
             a, b = (_wide(x) for x in t.linear(ctx))
             a_total, b_total = a * a_total, a * b_total + b
-        if not (_is_number(b_total) and b_total == 0):
-            mul_scalar_(params, 1 + b_total)
-        pending.add_to_(params, a_total)
+        _apply_gated(params, pending, a_total, b_total, ctx.gate)
         return head_state + tuple(state[tail:])
+
+
+def _apply_gated(params: list[Tensor], pending: Dense | Quotient, a: Any, b: Any, gate: Tensor | None) -> None:
+    """``p ← p·(1 + b) + a·u`` in place; under a commit gate the new values are computed apart
+    and selected where the gate is open (:func:`~steadygrad.core.gate.select_`): a closed gate
+    leaves the parameters bit-for-bit unchanged whatever ``u`` holds (inf, NaN, 0/0)."""
+    decay = not (_is_number(b) and b == 0)
+    if gate is None:
+        if decay:
+            mul_scalar_(params, 1 + b)
+        pending.add_to_(params, a)
+        return
+    if decay:
+        new = torch._foreach_mul(params, 1 + b)
+        pending.add_to_(new, a)
+    else:
+        new = pending.added(params, a)
+    select_(params, new, gate)
 
 
 def chain(*transforms: Transform) -> Chain:

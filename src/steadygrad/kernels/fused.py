@@ -43,9 +43,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.gate import all_finite
 from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
-from ..core.transform import PLAIN, StepContext, state_leaves
+from ..core.transform import StepContext, state_leaves
 from .flat import FlatGroup, ineligibility
 
 __all__ = ["FusedExecutor", "compile_enabled"]
@@ -247,6 +248,8 @@ class FusedExecutor:
         ``False`` if this step must take the reference path."""
         if self.disabled:
             return False
+        if not any(p.grad is not None for group in param_groups for p in group["params"]):
+            return True  # no gradients: nothing is stepped, as on the reference path
         if self.groups is not None and program.key != self._program_key:
             if _layout(program) != self._layout:
                 # A structural edit that adds per-parameter state (amsgrad, centered, ...): the
@@ -276,6 +279,9 @@ class FusedExecutor:
             self._refresh(param_groups[g.index], g.tensors)
             for flat in g.flats:
                 flat.adopt_gradients()
+        if program.nonfinite == "raise":
+            flat_params = [p for g in self.groups for f in g.flats for p in f.params]
+            program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
         new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store))
         for g, state in zip(self.groups, new_states):
             layout = program.groups[g.index].layout
@@ -331,6 +337,14 @@ class FusedExecutor:
         return params, grads, states, clip_state
 
 
+def _describe(param_groups: list[dict[str, Any]], p: Tensor) -> str:
+    for g_index, group in enumerate(param_groups):
+        for p_index, other in enumerate(group["params"]):
+            if other is p:
+                return f"parameter {p_index} of param group {g_index} (shape {tuple(p.shape)})"
+    return f"a parameter of shape {tuple(p.shape)}"
+
+
 def _layout(program: Any) -> tuple:
     """The per-parameter state keys of a program: what the flat buffers hold."""
     keys = [tuple(k.key for k in g.layout.per_param) for g in program.groups]
@@ -343,18 +357,22 @@ def _step_function(program: Any, indices: list[int], hypers: list[dict[str, Any]
     """The step over flat buffers: ``clip`` once over all groups, then each group's chain, its
     updates added to the parameters (``apply_``), exactly as the reference executor does."""
     clip = program.clip
+    skip = program.nonfinite == "skip"
     parts = [program.groups[i] for i in indices]
 
     def step(params, grads, states, clip_state):
+        # nonfinite="skip": the gate from one max-abs reduction over the gradients; every state
+        # update and the parameter update select under it, in the same loop.
+        gate = all_finite([g for gr in grads for g in gr]).to(torch.float32) if skip else None
         updates = [working_copy(gr, part.maximize) for gr, part in zip(grads, parts)]
         if clip is not None:
             flat_params = [p for ps in params for p in ps]
             flat_updates = [u for us in updates for u in us]
-            flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, PLAIN)
+            flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, StepContext(gate=gate))
             updates = split_like(flat_updates, updates)
         new_states = []
         for part, hyper, ps, us, state in zip(parts, hypers, params, updates, states):
-            new = part.transform.apply_(ps, us, state, StepContext(hyper))
+            new = part.transform.apply_(ps, us, state, StepContext(hyper, gate=gate))
             _copy_back(state, new)
             new_states.append(new)
         return new_states, clip_state

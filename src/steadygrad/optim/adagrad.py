@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -41,6 +41,11 @@ class Adagrad(TransformOptimizer):
         eps_in_sqrt: denominator ``sqrt(s + eps)`` (TensorFlow, optax, d2l).
         clip: a clipping transform applied to the gradients (of all groups together) before the
             update, e.g. ``sg.clip_by_norm(1.0)``; see :class:`~steadygrad.optim.TransformOptimizer`.
+        nonfinite: a step with an inf/NaN gradient: ``"ignore"`` (torch's behaviour: it goes
+            through), ``"skip"`` (parameters, state, step counters and ``clip=``'s state stay
+            bit-identical; decided on the device, no host sync) or ``"raise"`` (``RuntimeError``
+            naming the parameter; one host read per step). See
+            :class:`~steadygrad.optim.TransformOptimizer`.
 
     Differences from torch: sparse gradients raise ``RuntimeError`` (use ``torch.optim.Adagrad``
     or ``torch.optim.SparseAdam`` for sparse embeddings); NaN or out-of-range hyperparameters and
@@ -75,6 +80,7 @@ class Adagrad(TransformOptimizer):
         fused: bool | None = None,
         eps_in_sqrt: bool = False,
         clip: Transform | None = None,
+        nonfinite: Literal["ignore", "skip", "raise"] = "ignore",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -88,7 +94,7 @@ class Adagrad(TransformOptimizer):
             fused=fused,
             eps_in_sqrt=eps_in_sqrt,
         )
-        super().__init__(params, defaults, clip=clip)
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
         # torch creates Adagrad's state for every parameter at construction.
         for g, group in zip(self.program().groups, self.param_groups):
             g.layout.ensure(self.state, group["params"], Replicated(self.state, group["params"]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -50,6 +50,11 @@ class Adam(TransformOptimizer):
             ``exp_avg_sq`` as the second moment, fed by the unclipped gradient (OpenAI Five's
             setting; see :func:`steadygrad.scale_by_adam`). No extra memory. The fraction clipped at
             the last step is in ``opt.shared_state()["group<i>"]["moment_clip_fraction"]``.
+        nonfinite: a step with an inf/NaN gradient: ``"ignore"`` (torch's behaviour: it goes
+            through), ``"skip"`` (parameters, state, step counters and ``clip=``'s state stay
+            bit-identical; decided on the device, no host sync) or ``"raise"`` (``RuntimeError``
+            naming the parameter; one host read per step). See
+            :class:`~steadygrad.optim.TransformOptimizer`.
     """
 
     HYPERPARAMETERS = {
@@ -84,6 +89,7 @@ class Adam(TransformOptimizer):
         eps_in_sqrt: bool = False,
         clip: Transform | None = None,
         moment_clip: float | None = None,
+        nonfinite: Literal["ignore", "skip", "raise"] = "ignore",
     ) -> None:
         betas = check_betas(betas)
         defaults = dict(
@@ -101,7 +107,7 @@ class Adam(TransformOptimizer):
             eps_in_sqrt=eps_in_sqrt,
             moment_clip=moment_clip,
         )
-        super().__init__(params, defaults, clip=clip)
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         adam = ScaleByAdam(
@@ -144,6 +150,7 @@ class AdamW(Adam):
         eps_in_sqrt: bool = False,
         clip: Transform | None = None,
         moment_clip: float | None = None,
+        nonfinite: Literal["ignore", "skip", "raise"] = "ignore",
     ) -> None:
         super().__init__(
             params,
@@ -161,6 +168,7 @@ class AdamW(Adam):
             eps_in_sqrt=eps_in_sqrt,
             clip=clip,
             moment_clip=moment_clip,
+            nonfinite=nonfinite,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

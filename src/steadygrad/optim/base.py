@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from operator import is_
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from ..core.transform import Hyper, Transform
 from ..core.validate import Range, check_group, check_range
 from ..core.workspace import Workspace
 from ..kernels.fused import FusedExecutor
-from .program import StepProgram, structure_key
+from .program import NONFINITE, StepProgram, structure_key
 
 __all__ = ["Transformed", "TransformOptimizer", "hyper_or_zero"]
 
@@ -64,6 +64,16 @@ class TransformOptimizer(Optimizer):
     ``fused=True`` runs the same program compiled over flat buffers (see
     :mod:`steadygrad.kernels.fused`).
 
+    ``nonfinite`` (one of :data:`~steadygrad.optim.program.NONFINITE`) covers the gradients of all
+    groups, which are also ``clip``'s input. ``"ignore"`` is torch's behaviour. ``"skip"``: one
+    max-abs reduction over the gradients gives the commit gate (:mod:`steadygrad.core.gate`);
+    every state update, ``clip``'s included, and the parameter update select between their new
+    and old values under it, so a step with inf or NaN leaves parameters, state and step counters
+    bit-identical, and an open gate gives the ``"ignore"`` step's bits. The new values are still
+    computed (the step costs what it costs), nothing is read on the host. ``"raise"`` checks the
+    same reduction on the host and raises ``RuntimeError`` naming the first parameter with inf/NaN,
+    before anything changes.
+
     Validation: every group option is checked when the group is added (constructor groups and
     ``add_param_group``) and whenever a structural option of a group changes (``ValueError``
     naming the option, the value and the group).
@@ -77,7 +87,15 @@ class TransformOptimizer(Optimizer):
     #: Options read only when state is created (their exact values select the program).
     INIT_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any], clip: Transform | None = None) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        clip: Transform | None = None,
+        nonfinite: Literal["ignore", "skip", "raise"] = "ignore",
+    ) -> None:
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"Invalid nonfinite value: {nonfinite!r}; nonfinite must be one of {NONFINITE}")
         if clip is not None and not isinstance(clip, Transform):
             raise TypeError(
                 f"clip must be a steadygrad Transform (e.g. sg.clip_by_norm(1.0)), not {type(clip).__name__}"
@@ -90,6 +108,7 @@ class TransformOptimizer(Optimizer):
         # param_groups (and state_dict) are torch's.
         defaults = {k: v for k, v in defaults.items() if k not in self.EXTRAS or not _is_default(v, self.EXTRAS[k])}
         self.clip = clip
+        self.nonfinite = nonfinite
         self._last_program: tuple[list, StepProgram, Any] | None = None
         self._programs: dict[Any, StepProgram] = {}
         self._fused: FusedExecutor | None = None
@@ -144,19 +163,19 @@ class TransformOptimizer(Optimizer):
         # (an LR scheduler's new number or a structural edit computes the key again).
         options = [(tuple(g), tuple(g.values())) for g in self.param_groups]
         last = self._last_program
-        if last is not None and len(last[0]) == len(options) and last[2] is self.clip:
+        if last is not None and len(last[0]) == len(options) and last[2] == (id(self.clip), self.nonfinite):
             if all(_same(a, b) for a, b in zip(options, last[0])):
                 return last[1]
         init = tuple(tuple(g.get(k) for k in self.INIT_OPTIONS) for g in self.param_groups)
-        key = (structure_key(self.param_groups), init, id(self.clip))
+        key = (structure_key(self.param_groups), init, id(self.clip), self.nonfinite)
         program = self._programs.get(key)
         if program is None:
             for index, group in enumerate(self.param_groups):
                 check_group(self.HYPERPARAMETERS, group, index)
             transforms = [self.build_transform(group) for group in self.param_groups]
-            program = StepProgram.build(key, transforms, self.param_groups, self.clip)
+            program = StepProgram.build(key, transforms, self.param_groups, self.clip, self.nonfinite)
             self._programs[key] = program
-        self._last_program = (options, program, self.clip)
+        self._last_program = (options, program, (id(self.clip), self.nonfinite))
         return program
 
     @torch.no_grad()
@@ -220,7 +239,7 @@ class TransformOptimizer(Optimizer):
 
     # Attributes that are not hyperparameters but must survive copy.deepcopy and pickling, which
     # torch's __getstate__ would drop. Compiled artefacts and cached programs are rebuilt instead.
-    _kept_attributes: ClassVar[tuple[str, ...]] = ("clip",)
+    _kept_attributes: ClassVar[tuple[str, ...]] = ("clip", "nonfinite")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -228,6 +247,7 @@ class TransformOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("nonfinite", "ignore")
         super().__setstate__(state)
         self._last_program = None
         self._programs = {}
@@ -305,15 +325,16 @@ class Transformed(TransformOptimizer):
         *,
         maximize: bool = False,
         clip: Transform | None = None,
+        nonfinite: Literal["ignore", "skip", "raise"] = "ignore",
         **defaults: Any,
     ) -> None:
         if not isinstance(transform, Transform):
             raise TypeError(f"transform must be a steadygrad Transform, got {type(transform).__name__}")
         check_range("lr", lr)
         self.transform = transform
-        super().__init__(params, dict(lr=lr, maximize=maximize, **defaults), clip=clip)
+        super().__init__(params, dict(lr=lr, maximize=maximize, **defaults), clip=clip, nonfinite=nonfinite)
 
-    _kept_attributes = ("clip", "transform")
+    _kept_attributes = ("clip", "nonfinite", "transform")
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         return self.transform

@@ -30,16 +30,21 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from ..core.gate import all_finite, count_nonfinite
 from ..core.state import Replicated, StateLayout
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, Transform, coarsest_structure
 from ..core.workspace import Workspace
 
-__all__ = ["CLIP_NAMESPACE", "GROUP_NAMESPACE", "GroupStep", "StepProgram", "structure_key"]
+__all__ = ["CLIP_NAMESPACE", "GROUP_NAMESPACE", "NONFINITE", "GroupStep", "StepProgram", "structure_key"]
 
 _is_sparse = attrgetter("is_sparse")
+
+#: The optimizers' ``nonfinite`` modes: torch's behaviour, skip the step, raise.
+NONFINITE = ("ignore", "skip", "raise")
 
 #: Key prefixes of the state of ``clip=`` and of a group chain's shared state.
 CLIP_NAMESPACE = "clip."
@@ -103,14 +108,40 @@ class StepProgram:
     groups: tuple[GroupStep, ...]  # aligned with the optimizer's param_groups
     clip: Transform | None
     clip_layout: StateLayout | None
+    nonfinite: str = "ignore"  # one of NONFINITE
 
     @classmethod
     def build(
-        cls, key: tuple, transforms: Sequence[Transform], param_groups: Sequence[Mapping], clip: Transform | None
+        cls,
+        key: tuple,
+        transforms: Sequence[Transform],
+        param_groups: Sequence[Mapping],
+        clip: Transform | None,
+        nonfinite: str = "ignore",
     ):
         groups = tuple(GroupStep.build(t, g) for t, g in zip(transforms, param_groups))
         layout = StateLayout(clip, CLIP_NAMESPACE, CLIP_NAMESPACE) if clip is not None else None
-        return cls(key, groups, clip, layout)
+        return cls(key, groups, clip, layout, nonfinite)
+
+    def finite_gate(self, grads: Sequence[Tensor], describe: Any) -> Tensor | None:
+        """The commit gate of ``nonfinite="skip"``: a 0-d float32 tensor, 1 when every gradient
+        is finite, else 0 (decided on the device); ``None`` for ``"ignore"``. ``"raise"`` reads
+        the check on the host (one device sync) and raises ``RuntimeError`` naming the first
+        parameter with inf/NaN (``describe(i)`` names gradient ``i``)."""
+        if self.nonfinite == "ignore":
+            return None
+        ok = all_finite(grads)
+        if self.nonfinite == "skip":
+            return ok.to(torch.float32)
+        if not bool(ok):  # the documented host read
+            for i, g in enumerate(grads):
+                bad = int(count_nonfinite([g]))
+                if bad:
+                    raise RuntimeError(
+                        f"non-finite gradient in {describe(i)}: {bad} of {g.numel()} elements are inf or NaN; "
+                        "use nonfinite='skip' to skip such steps"
+                    )
+        return None
 
     @property
     def structure(self) -> str:
@@ -145,6 +176,7 @@ class StepProgram:
             work.append((g, group, params, grads))
         if not work:
             return
+        gate = self.finite_gate([g for *_, grads in work for g in grads], lambda i: _describe(work, param_groups, i))
         clipped = None
         if self.clip_layout is not None:
             # Once over the gradients of all groups (a global norm is over all of them); .grad is
@@ -153,7 +185,7 @@ class StepProgram:
             flat = [u for us, _ in starts for u in us]
             flat_params = [p for _, _, params, _ in work for p in params]
             members = [p for group in param_groups for p in group["params"]]
-            ctx = StepContext(writable=all(w for _, w in starts))
+            ctx = StepContext(gate=gate, writable=all(w for _, w in starts))
             # A global coefficient comes back unapplied (scale): the groups' chains fold it in.
             out, scale = self.clip_layout.run(store, flat_params, flat, Replicated(store, members), ctx, scaled=True)
             writable = ctx.after(flat, out).writable
@@ -170,6 +202,7 @@ class StepProgram:
                 Replicated(store, group["params"]),
                 StepContext(
                     group,
+                    gate=gate,
                     writable=writable,
                     scale=scale,
                     scratch=None if workspace is None else workspace.scratch(params),
@@ -177,3 +210,16 @@ class StepProgram:
                 apply=True,
                 step_on_device=g.step_on_device,
             )
+
+
+def _describe(work: list, param_groups: Sequence[Mapping[str, Any]], i: int) -> str:
+    """Names the ``i``-th gradient of a step's ``work`` (groups in order, parameters with a
+    gradient)."""
+    for _, group, params, _ in work:
+        if i < len(params):
+            p = params[i]
+            g_index = next(k for k, other in enumerate(param_groups) if other is group)
+            p_index = next(k for k, other in enumerate(group["params"]) if other is p)
+            return f"parameter {p_index} of param group {g_index} (shape {tuple(p.shape)})"
+        i -= len(params)
+    return f"gradient {i}"

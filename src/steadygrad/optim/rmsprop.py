@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -49,6 +49,11 @@ class RMSprop(TransformOptimizer):
             clipped at the last step is in ``opt.shared_state()["group<i>"]["moment_clip_fraction"]``.
         fused: ``True`` compiles the step over flat buffers (:mod:`steadygrad.kernels.fused`);
             torch's RMSprop has no fused path.
+        nonfinite: a step with an inf/NaN gradient: ``"ignore"`` (torch's behaviour: it goes
+            through), ``"skip"`` (parameters, state, step counters and ``clip=``'s state stay
+            bit-identical; decided on the device, no host sync) or ``"raise"`` (``RuntimeError``
+            naming the parameter; one host read per step). See
+            :class:`~steadygrad.optim.TransformOptimizer`.
     """
 
     HYPERPARAMETERS = {
@@ -82,6 +87,7 @@ class RMSprop(TransformOptimizer):
         eps_in_sqrt: bool = False,
         clip: Transform | None = None,
         moment_clip: float | None = None,
+        nonfinite: Literal["ignore", "skip", "raise"] = "ignore",
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -99,7 +105,7 @@ class RMSprop(TransformOptimizer):
             moment_clip=moment_clip,
             fused=fused,
         )
-        super().__init__(params, defaults, clip=clip)
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         decay = hyper_or_zero(group, "weight_decay")

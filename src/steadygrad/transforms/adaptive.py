@@ -159,7 +159,7 @@ class _Scaling(Transform):
     A pending factor on the gradients (:attr:`~steadygrad.core.transform.StepContext.scale`, e.g.
     ``clip=sg.clip_by_norm(...)``'s coefficient) is folded into the arithmetic where that is
     exact and free: a number known on the host (a CPU tensor is read, as torch.optim reads its
-    CPU ``step``), no commit gate, number hyperparameters; the scaling then reads the unscaled
+    CPU ``step``) and number hyperparameters; the scaling then reads the unscaled
     gradients and no scaled copy exists. Otherwise the factor is applied first."""
 
     structure: ClassVar[str] = "elements"
@@ -173,12 +173,12 @@ class _Scaling(Transform):
 
     def _fold(self, updates: list[Tensor], ctx: Any, foldable: bool, *hypers: Any) -> tuple[list[Tensor], Any, float]:
         """``(updates, ctx, s)``: the pending factor as a number ``s`` to fold in (1.0: none), or
-        applied to the updates when it cannot be (``foldable`` false, a gate, a tensor
-        hyperparameter, a factor that cannot be read without a device sync)."""
+        applied to the updates when it cannot be (``foldable`` false, a tensor hyperparameter, a
+        factor that cannot be read without a device sync)."""
         if ctx.scale is None:
             return updates, ctx, 1.0
         value = host_scalar(ctx.scale)
-        if value is not None and foldable and ctx.gate is None and not any(isinstance(h, Tensor) for h in hypers):
+        if value is not None and foldable and not any(isinstance(h, Tensor) for h in hypers):
             return updates, ctx.with_scale(None), float(value)
         updates, ctx = apply_scale(updates, ctx)
         return updates, ctx, 1.0

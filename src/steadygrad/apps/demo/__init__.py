@@ -17,8 +17,8 @@ The experiment (``run_demo(DemoSettings())``; ``steadygrad demo`` runs it and dr
   pixel (a damaged record), which makes every gradient NaN. Every configuration sees the same batches in the same order,
   from the same initial weights: the clipping is the only difference.
 * **Configurations.** Every one runs ``sg.Clipper(params, transform, nonfinite="skip")`` after
-  ``backward``, so that NaN steps are skipped (gradients zeroed, no optimizer step, no statistic
-  touched) and counted; then
+  ``backward``, so that NaN steps are skipped (the gradients dropped, so that ``opt.step()``
+  moves nothing, no statistic touched) and counted; then
 
   - ``none``: the identity transform, no clipping;
   - ``clip_grad_norm_``: ``sg.clip_grad_norm_(params, max_norm=1.0)``, torch's drop-in;
@@ -26,9 +26,10 @@ The experiment (``run_demo(DemoSettings())``; ``steadygrad demo`` runs it and dr
     within ±5·√v̂ of the running second moment of the unclipped gradient);
   - ``zclip``: ``sg.zclip()`` in the Clipper (z-score of the norm against its running mean).
 
-One value is read on the host per step: whether the Clipper skipped it (then ``opt.step()`` is
-not called, so the momentum buffer stays as it was). The per-step statistics (``LOG_FIELDS``)
-are stacked as tensors on the device and moved to the CPU once per configuration, at its end. A
+One value is read on the host per step: whether the Clipper skipped it (it then sets every
+``.grad`` to ``None``, so ``opt.step()`` leaves the weights and the momentum buffer as they
+were). The per-step statistics (``LOG_FIELDS``) are stacked as tensors on the device and moved to
+the CPU once per configuration, at its end. A
 ``progress`` callback, called every ``steps // 40`` steps with the loss tensor, may read it (one
 sync per call). The results are deterministic for a seed (the same numbers on every run on one
 machine).
@@ -418,12 +419,15 @@ def _train(
         loss.backward()
 
         boundary = _zclip_boundary(clipper, nan) if name == "zclip" else nan
-        stats = clipper.clip_()  # after a skipped step the gradients are zeros
+        stats = clipper.clip_()  # a skipped step drops the gradients (.grad is None)
+        skipped = bool(stats.skipped)
         clipped_norm, fraction = stats.clipped_norm, stats.fraction_clipped
-        if name == "clip_grad_norm_":
+        if name == "clip_grad_norm_" and not skipped:
             total = clip_grad_norm_(params, settings.max_norm)
             clipped_norm = get_total_norm([p.grad for p in params])
             fraction = (max_norm / (total + 1e-6) < 1).to(torch.float32)  # torch's coefficient below 1
+            threshold = max_norm
+        elif name == "clip_grad_norm_":
             threshold = max_norm
         elif name == "zclip":
             threshold = clipper.state["shared"]["threshold"]
@@ -431,8 +435,7 @@ def _train(
             threshold = nan  # per element: no single norm limit
         else:
             threshold = inf
-        if not bool(stats.skipped):  # a skipped step leaves the optimizer as it was (a host read)
-            opt.step()
+        opt.step()  # without gradients (a skipped step) nothing moves
 
         row = [loss.detach(), stats.norm, clipped_norm, threshold, boundary, fraction, stats.skipped]
         rows.append(torch.stack([t.to(device=device, dtype=torch.float64) for t in row]))

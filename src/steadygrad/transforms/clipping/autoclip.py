@@ -13,8 +13,10 @@ return the new state (their statistics must be gated inside), not only the fract
 
 No host sync
     The whole update is tensor arithmetic: no ``.item()``, no Python branch on a tensor value, so
-    it runs under ``torch.compile(fullgraph=True)`` (ZClip and bounded AutoClip; the unbounded
-    AutoClip history grows by one slot per call, a new shape each step).
+    it runs under ``torch.compile(fullgraph=True)``: ZClip and bounded AutoClip. The unbounded
+    AutoClip history reads its count on the host (free for CPU state, a device sync on an
+    accelerator) to double its buffer when full; compiled, where it cannot read, it grows by one
+    slot per call (a new shape each step).
 
 State
     Named tuples of single tensors shared by all parameters (see :mod:`steadygrad.core.transform`);
@@ -37,11 +39,8 @@ Non-finite norms
     infinite entries into NaN); the non-finite values are left to the caller
     (``Clipper(nonfinite=...)``, ``skip_nonfinite()``, ``GradScaler``). ``last_norm`` reports the
     non-finite norm, ``threshold`` the limit that finite updates would have met, and
-    ``fraction_clipped`` is 0. Under the commit gate (:func:`~steadygrad.core.transform.gated`) a
-    closed gate leaves every field bit-for-bit unchanged; the one exception is the unbounded
-    AutoClip history, whose buffer gains one unused ``inf`` slot per call (its capacity follows
-    the number of calls, which the host knows without a sync), while its valid entries and count
-    are unchanged.
+    ``fraction_clipped`` is 0. Under the commit gate (:mod:`steadygrad.core.gate`) a closed gate
+    leaves every field bit-for-bit unchanged.
 
 Where we follow the published rules and where we differ
     ZClip (Kumar et al., 2025, arXiv:2504.02507; PyPI ``zclip``), z-score mode with adaptive
@@ -85,6 +84,9 @@ from .norm import clip_to_limit
 
 __all__ = ["AutoClip", "AutoClipState", "autoclip", "autoclip_update"]
 
+# The first capacity of the unbounded history; it doubles whenever the committed norms fill it.
+_MIN_CAPACITY = 64
+
 
 class AutoClipState(NamedTuple):
     """State of :func:`autoclip`, single tensors shared by all parameters.
@@ -93,9 +95,10 @@ class AutoClipState(NamedTuple):
         num_norms: int64, the finite norms committed so far (all of them, also beyond
             ``history``).
         norm_history: the norms. Without ``history``, norm i (0-based) is in slot i and the
-            buffer grows by one slot per call (its length is the number of calls, at least
-            ``num_norms``). With ``history=H`` it is a ring buffer of H slots: norm i in slot
-            i mod H, the newest at ``(num_norms − 1) mod H``. Slots without a norm hold ``+inf``.
+            buffer doubles (from 64 slots) whenever the committed norms fill it: a skipped step
+            changes nothing, and a compiled step sees a new shape a handful of times. With
+            ``history=H`` it is a ring buffer of H slots: norm i in slot i mod H, the newest at
+            ``(num_norms − 1) mod H``. Slots without a norm hold ``+inf``.
         last_norm: the pre-clip norm of the last committed step.
         threshold: the percentile applied at the last committed step.
         fraction_clipped: float32, 1 if the last committed step was clipped, else 0.
@@ -154,7 +157,12 @@ def autoclip_update(
     buf = state.norm_history.to(device=device, dtype=dtype)
     admit = admits(n, gate)
     if history is None:
-        buf = torch.cat([buf, torch.full((1,), math.inf, dtype=dtype, device=device)])
+        if torch.compiler.is_compiling():  # no host read: one more slot per call
+            grow = 1
+        else:  # the documented host read: geometric growth when the committed norms fill it
+            grow = max(_MIN_CAPACITY, buf.shape[0]) if int(count) >= buf.shape[0] else 0
+        if grow:
+            buf = torch.cat([buf, torch.full((grow,), math.inf, dtype=dtype, device=device)])
         index = count
     else:
         index = torch.remainder(count, history)
