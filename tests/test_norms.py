@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from steadygrad.core.dtensor import local_tensor
 from steadygrad.core.norms import (
     WORLD,
     check_norm_type,
     check_threshold,
     clip_coefficient,
-    local_shard,
     norm_dtype,
     scale_,
     tensor_norms,
@@ -194,7 +194,7 @@ def test_norms_of_parameters_do_not_track_gradients():
     w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     n = total_norm([w * 2])
     assert not n.requires_grad
-    assert local_shard(w) is w
+    assert local_tensor(w) is w
 
 
 # --- clip coefficient and scaling -------------------------------------------------------------------

@@ -156,6 +156,9 @@ def _check_dtensor(rank):
     n_ref = torch.nn.utils.clip_grad_norm_(reference, 2.0)
     n = clip_grad_norm_(params, 2.0)
     _close(n, n_ref)
+    # process_group over the ranks that hold the shards would count each shard once per rank
+    with pytest.raises(ValueError, match="already global"):
+        clip_grad_norm_(params, 2.0, process_group="world")
     for q, r in zip(params, reference):
         _close(q.grad.full_tensor(), r.grad)
     clip_grad_value_(params, 0.05)

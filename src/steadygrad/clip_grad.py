@@ -27,7 +27,8 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from .core.norms import check_threshold, clip_coefficient, local_shard, scale_, total_norm, use_foreach
+from .core.dtensor import local_tensor
+from .core.norms import check_threshold, clip_coefficient, scale_, total_norm, use_foreach
 from .core.tensorlist import group_by_device_dtype
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
@@ -220,7 +221,7 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float, foreach: bo
         placements = getattr(p.grad, "placements", ())
         if any(pl.is_partial() for pl in placements):
             raise ValueError("clip_grad_value_: gradients with a Partial placement cannot be clamped shard by shard")
-        grads.append(local_shard(p.grad))
+        grads.append(local_tensor(p.grad))
     for (device, _), indices in group_by_device_dtype(grads).items():
         group = [grads[i] for i in indices]
         if use_foreach(group, device, foreach):

@@ -24,8 +24,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .core.gate import combine_gates, count_nonfinite, nonfinite_counts, zero_unless_
-from .core.norms import total_norm
+from .core.dtensor import split_shards
+from .core.gate import combine_gates, nonfinite_counts, zero_unless_
+from .core.norms import shard_sum, total_norm
 from .core.params import parse_params
 from .core.state import SharedDict, StateLayout
 from .core.tensorlist import as_real
@@ -149,26 +150,30 @@ class Clipper:
         """
         indices = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in indices]
-        grads = [p.grad for p in params]
-        for i, g in zip(indices, grads):
-            if g.is_sparse:
+        for i, p in zip(indices, params):
+            if p.grad.is_sparse:
                 raise RuntimeError(f"Clipper does not support sparse gradients ({self._name(i)})")
+        # DTensor gradients (FSDP2): their local shards, with the layout for whole-tensor norms
+        # and counts (the same statistics, and the same skip decision, on every rank).
+        grads, shards = split_shards([p.grad for p in params])
         device = grads[0].device if grads else (self.params[0].device if self.params else None)
 
-        norm = total_norm(grads, 2.0)
-        if self.nonfinite == "raise":
-            counts = nonfinite_counts(grads)
-            nonfinite = _sum(counts, device)
-            if bool(nonfinite > 0):  # the documented host read
-                j = next(j for j, c in enumerate(counts) if bool(c > 0))
-                i = indices[j]
+        norm = total_norm(grads, 2.0, shards=shards)
+        counts = nonfinite_counts(grads)
+        nonfinite = _sum(counts, device) if shards is None else shard_sum(counts, shards).to(torch.int64)
+        if self.nonfinite == "raise" and bool(nonfinite > 0):  # the documented host read
+            bad = [j for j, c in enumerate(counts) if bool(c > 0)]
+            if not bad:
                 raise RuntimeError(
-                    f"non-finite gradient in {self._name(i)}: {int(counts[j])} of {grads[j].numel()} "
-                    f"elements are inf or NaN ({int(nonfinite)} in all the gradients); "
-                    "use nonfinite='skip' to skip such steps"
+                    f"non-finite gradient on another rank ({int(nonfinite)} inf or NaN elements in all the "
+                    "gradients); use nonfinite='skip' to skip such steps"
                 )
-        else:
-            nonfinite = count_nonfinite(grads, device)
+            j = bad[0]
+            raise RuntimeError(
+                f"non-finite gradient in {self._name(indices[j])}: {int(counts[j])} of {grads[j].numel()} "
+                f"elements are inf or NaN ({int(nonfinite)} in all the gradients); "
+                "use nonfinite='skip' to skip such steps"
+            )
 
         ok: Tensor | None = None
         if self.nonfinite == "skip":
@@ -181,7 +186,7 @@ class Clipper:
                 zero_unless_(grads, ok)
             # The norm measured above is the transform's input whenever the step commits (a closed
             # gate discards whatever it computes), so the global norm is computed once.
-            ctx = StepContext(gate=None if ok is None else ok.to(torch.float32), norm=norm)
+            ctx = StepContext(gate=None if ok is None else ok.to(torch.float32), norm=norm, shards=shards)
             updates = self._layout.run(self.state, params, grads, SharedDict(self.state[SHARED]), ctx)
             for g, u in zip(grads, updates):
                 target = as_real(g)
@@ -190,7 +195,7 @@ class Clipper:
             if ok is not None:
                 zero_unless_(grads, ok)  # whatever the transform made of the zeros
 
-        clipped_norm = total_norm(grads, 2.0)
+        clipped_norm = total_norm(grads, 2.0, shards=shards)
         fraction = self._fraction(device)
         if ok is not None:
             fraction = torch.where(ok, fraction, 0.0)

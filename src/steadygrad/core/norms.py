@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Parameter
 
+from .dtensor import ShardSpec, local_tensor, split_shards
 from .tensorlist import any_empty, devices, dtypes, group_by_device_dtype, types
 from .validate import check_range
 
@@ -46,9 +47,10 @@ __all__ = [
     "portable_group",
     "scaled",
     "clip_coefficient",
-    "local_shard",
     "norm_dtype",
+    "all_reduce_shards_",
     "scale_",
+    "shard_sum",
     "tensor_norms",
     "total_norm",
     "use_foreach",
@@ -145,17 +147,14 @@ def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor) -> Tensor:
     return torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
 
 
-def local_shard(tensor: Tensor) -> Tensor:
-    """The tensor this rank holds: a DTensor's local shard (sharing its storage, so that
-    in-place changes reach the DTensor), any other tensor itself."""
-    if type(tensor) in _PLAIN_TYPES or not _is_dtensor(tensor):
-        return tensor
-    with torch.no_grad():
-        return tensor.to_local()
-
-
 @torch.no_grad()
-def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None) -> list[Tensor]:
+def tensor_norms(
+    tensors: Sequence[Tensor],
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+    shards: Sequence[ShardSpec | None] | None = None,
+) -> list[Tensor]:
     """The p-norm of each tensor, as a 0-d tensor on that tensor's device.
 
     .. math::
@@ -174,12 +173,14 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: 
         norm_type: ``p``, see :func:`check_norm_type`.
         foreach: ``None`` uses the foreach kernels where the device has them; ``True`` insists
             (``RuntimeError`` on other devices); ``False`` norms one tensor at a time.
+        shards: ``tensors`` are local shards laid out as these specs say
+            (:func:`steadygrad.core.dtensor.split_shards`): the norms are of the whole tensors.
 
     Raises:
         ValueError: a bad ``norm_type``, or a DTensor with a ``Partial`` placement.
     """
     p = check_norm_type(norm_type)
-    locals_, specs = _split_dtensors(tensors)
+    locals_, specs = _locals(tensors, shards)
     norms = _local_norms(locals_, p, foreach)
     sharded = [i for i, spec in enumerate(specs) if spec is not None and spec[1]]
     if sharded:
@@ -197,6 +198,7 @@ def total_norm(
     process_group: Any = None,
     *,
     foreach: bool | None = None,
+    shards: Sequence[ShardSpec | None] | None = None,
 ) -> Tensor:
     """The p-norm of all tensors together, as if they were concatenated into one vector.
 
@@ -231,10 +233,13 @@ def total_norm(
         process_group: ``None`` (this rank's tensors only, plus the DTensor reduction), a
             process group, or :data:`WORLD`.
         foreach: as in :func:`tensor_norms`.
+        shards: as in :func:`tensor_norms`.
 
     Raises:
-        ValueError: a bad ``norm_type`` or ``process_group`` string, or a DTensor with a
-            ``Partial`` placement.
+        ValueError: a bad ``norm_type`` or ``process_group`` string, a DTensor with a
+            ``Partial`` placement, or a ``process_group`` that shares ranks with a mesh
+            dimension a DTensor is sharded on (its norm is already global there: reducing
+            again would count it once per rank).
         TypeError: ``process_group`` is not a process group.
         RuntimeError: ``process_group`` is given but torch.distributed is not available or not
             initialised.
@@ -251,7 +256,9 @@ def total_norm(
         return _finish(partial, p).to(dtype)
 
     device = tensors[0].device
-    locals_, specs = _split_dtensors(tensors)
+    locals_, specs = _locals(tensors, shards)
+    if group is not None:
+        _check_no_overlap(group, specs)
     norms = _local_norms(locals_, p, foreach)
     dtype = norms[0].dtype
     for other in dtypes(norms):
@@ -267,7 +274,7 @@ def total_norm(
     sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
     for i, spec in enumerate(specs):
         if spec is not None and spec[1]:
-            sharded.setdefault(spec, []).append(norms[i].to(device=device, dtype=dtype))
+            sharded.setdefault(spec[:2], []).append(norms[i].to(device=device, dtype=dtype))
     pieces = [_partial_of_norms(whole, p)] if whole else []
     if sharded:
         keys = list(sharded)
@@ -285,6 +292,55 @@ def total_norm(
 
 
 @torch.no_grad()
+def shard_sum(values: Sequence[Tensor | int], shards: Sequence[ShardSpec | None] | None) -> Tensor:
+    """``Σ values`` (0-d tensors or numbers, one per tensor), where the value of a tensor sharded
+    over ranks (its :data:`~steadygrad.core.dtensor.ShardSpec` lists mesh dimensions) is first
+    summed over those ranks: the total of a per-element count over whole tensors (elements
+    clipped, elements non-finite). A float64 0-d tensor on the first tensor value's device (the
+    CPU for numbers only); one all-reduce per sharded mesh dimension."""
+    specs = list(shards) if shards is not None else [None] * len(values)
+    device = next((v.device for v in values if isinstance(v, Tensor)), torch.device("cpu"))
+    as_tensors = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values]
+    whole = [v for v, s in zip(as_tensors, specs) if not (s and s[1])]
+    sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
+    for v, s in zip(as_tensors, specs):
+        if s and s[1]:
+            sharded.setdefault(s[:2], []).append(v)
+    total = torch.stack(whole).sum() if whole else torch.zeros((), dtype=torch.float64, device=device)
+    if sharded:
+        keys = list(sharded)
+        for r in _reduce_over_meshes([torch.stack(sharded[k]).sum() for k in keys], keys, 1.0):
+            total = total + r.to(device)
+    return total
+
+
+@torch.no_grad()
+def all_reduce_shards_(tensors: Sequence[Tensor], shards: Sequence[ShardSpec | None]) -> None:
+    """Sums each tensor of a sharded DTensor's partial results (any shape, e.g. squared norms of
+    units split across ranks) over the ranks of its mesh dimensions, in place; tensors with spec
+    ``None`` (or not sharded) are left as they are. One all-reduce per (mesh, dimension), the
+    tensors flattened into one float64 buffer."""
+    chosen = [(t, s) for t, s in zip(tensors, shards) if s and s[1]]
+    if not chosen:
+        return
+    meshes: dict[Any, list[tuple[Tensor, Any]]] = {}
+    for t, s in chosen:
+        meshes.setdefault(s[0], []).append((t, s))
+    for mesh, items in meshes.items():
+        for k in range(mesh.ndim):
+            group = [t for t, s in items if k in s[1]]
+            if not group:
+                continue
+            buffer = torch.cat([t.reshape(-1).to(torch.float64) for t in group])
+            dist.all_reduce(buffer, group=mesh.get_group(k))
+            offset = 0
+            for t in group:
+                n = t.numel()
+                t.copy_(buffer[offset : offset + n].view_as(t))
+                offset += n
+
+
+@torch.no_grad()
 def scale_(tensors: Sequence[Tensor], factor: Tensor, *, foreach: bool | None = None) -> None:
     """``t ← t · factor`` in place for every tensor, computed in float32 or wider.
 
@@ -299,7 +355,7 @@ def scale_(tensors: Sequence[Tensor], factor: Tensor, *, foreach: bool | None = 
         factor: a 0-d tensor, e.g. :func:`clip_coefficient`.
         foreach: as in :func:`tensor_norms`.
     """
-    tensors = [local_shard(t) for t in tensors]
+    tensors = [local_tensor(t) for t in tensors]
     for (device, dtype), indices in group_by_device_dtype(tensors).items():
         group = [tensors[i] for i in indices]
         wide = wide_dtype(dtype)
@@ -342,47 +398,30 @@ def scaled(tensors: Sequence[Tensor], factor: Tensor) -> list[Tensor]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without torch.distributed
-        return False
-    return isinstance(t, DTensor)
+def _locals(tensors: Sequence[Tensor], shards: Sequence[ShardSpec | None] | None) -> tuple[list[Tensor], list]:
+    """The local tensors and one spec per tensor (``None`` for a tensor held whole)."""
+    if shards is not None:
+        return list(tensors), list(shards)
+    locals_, specs = split_shards(tensors)
+    return locals_, specs if specs is not None else [None] * len(locals_)
 
 
-def _is_sharded(placement: Any) -> bool:
-    from torch.distributed.tensor import Shard
-
-    try:
-        from torch.distributed.tensor.placement_types import _StridedShard
-    except ImportError:  # pragma: no cover - torch versions where it does not exist
-        return isinstance(placement, Shard)
-    return isinstance(placement, (Shard, _StridedShard))
-
-
-def _split_dtensors(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Any, tuple[int, ...]] | None]]:
-    """The local tensor of each tensor, and for DTensors (mesh, mesh dims it is sharded on)."""
-    if types(tensors) <= _PLAIN_TYPES_SET:
-        return list(tensors), [None] * len(tensors)
-    locals_: list[Tensor] = []
-    specs: list[tuple[Any, tuple[int, ...]] | None] = []
-    for t in tensors:
-        if type(t) in _PLAIN_TYPES or not _is_dtensor(t):
-            locals_.append(t)
-            specs.append(None)
+def _check_no_overlap(group: Any, specs: Sequence[ShardSpec | None]) -> None:
+    """``process_group`` must not reduce again over ranks that hold shards of one DTensor."""
+    mine = set(dist.get_process_group_ranks(group))
+    rank = dist.get_rank()
+    for spec in specs:
+        if spec is None:
             continue
-        dims = []
-        for k, placement in enumerate(t.placements):
-            if _is_sharded(placement):
-                dims.append(k)
-            elif not placement.is_replicate():
+        mesh, dims = spec[:2]
+        for k in dims:
+            if (set(dist.get_process_group_ranks(mesh.get_group(k))) & mine) - {rank}:
                 raise ValueError(
-                    f"norms of DTensors with a {type(placement).__name__} placement ({placement}) "
-                    "are not supported (only Shard and Replicate): redistribute the tensor first"
+                    "process_group shares ranks with a mesh dimension the DTensor gradients are sharded on "
+                    "(FSDP2): the norm of a DTensor is already global there, and reducing again would count it "
+                    "once per rank. Drop process_group (or pass only a group across ranks holding other "
+                    "tensors, such as pipeline stages)"
                 )
-        locals_.append(t.to_local())
-        specs.append((t.device_mesh, tuple(dims)))
-    return locals_, specs
 
 
 def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool | None) -> bool:
@@ -477,7 +516,7 @@ def _all_reduce(t: Tensor, p: float, group: Any) -> None:
     dist.all_reduce(t, op=_op(p), group=group)
 
 
-def _reduce_over_meshes(partials: list[Tensor], specs: list[tuple[Any, tuple[int, ...]]], p: float) -> list[Tensor]:
+def _reduce_over_meshes(partials: list[Tensor], specs: list[tuple[Any, ...]], p: float) -> list[Tensor]:
     """All-reduces each partial over the mesh dimensions its DTensor is sharded on, in float64.
 
     Mesh dimension by mesh dimension: the partials sharded on dimension k go into one vector and
@@ -487,7 +526,7 @@ def _reduce_over_meshes(partials: list[Tensor], specs: list[tuple[Any, tuple[int
     """
     out = [t.to(torch.float64) for t in partials]
     meshes: dict[Any, list[int]] = {}
-    for i, (mesh, _) in enumerate(specs):
+    for i, (mesh, *_) in enumerate(specs):
         meshes.setdefault(mesh, []).append(i)
     for mesh, indices in meshes.items():
         for k in range(mesh.ndim):

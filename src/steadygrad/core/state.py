@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .dtensor import is_dtensor, local_tensor, split_shards
 from .tensorlist import any_complex, as_real, from_real
 from .transform import PLAIN, StepContext, Transform, apply_scale, state_leaves
 
@@ -195,18 +196,19 @@ class StateLayout:
         shared: SharedDict | Replicated,
         *,
         real: bool | None = None,
+        local: bool = False,
         entries: Sequence[dict] | None = None,
     ) -> Any:
-        """The state of ``params`` (real views of complex state). Call :meth:`ensure` first.
-        ``real``: whether all of ``params`` are known to be real (else it is checked); ``entries``
-        as for :meth:`ensure`."""
+        """The state of ``params`` (real views of complex state; with ``local``, the local shards
+        of DTensor state). Call :meth:`ensure` first. ``real``: whether all of ``params`` are known
+        to be real (else it is checked); ``entries`` as for :meth:`ensure`."""
         if real is None:
             real = not any_complex(params)
         if entries is None and self.per_param:
             entries = list(map(store.__getitem__, params))
-        if real:
+        if real and not local:
             return self.assemble(lambda k: list(map(itemgetter(k.key), entries)), shared)
-        return self.assemble(lambda k: [as_real(e[k.key]) for e in entries], shared)
+        return self.assemble(lambda k: [as_real(local_tensor(e[k.key])) for e in entries], shared)
 
     def scatter(
         self,
@@ -231,8 +233,12 @@ class StateLayout:
                 entries = list(map(store.__getitem__, params))
             for entry, v in zip(entries, values):
                 old = entry[k.key]
+                if is_dtensor(old):  # a new local value goes into the DTensor's own shard
+                    shard = local_tensor(old)
+                    if v is not shard and v.data_ptr() != shard.data_ptr():
+                        shard.copy_(from_real(v, shard))
                 # In-place updates of a complex tensor come back as its real view.
-                if v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
+                elif v is not old and not (old.is_complex() and v.data_ptr() == old.data_ptr()):
                     entry[k.key] = from_real(v, old)
         self.store_shared(state, shared, params)
 
@@ -259,16 +265,22 @@ class StateLayout:
         Creates missing state, gathers it, runs ``update`` (``update_scaled`` with ``scaled``;
         ``apply_`` with ``apply``: the updates are added to the parameters), and stores the new
         state. ``params`` and ``updates`` are the original tensors; complex ones are viewed as real
-        here. A pending factor in ``ctx`` (:attr:`StepContext.scale`) is applied first unless the
-        transform takes it. Returns the updates (real views for complex parameters; ``[]`` with
-        ``apply``), with ``scaled`` the pair ``(updates, scale)``.
+        here; DTensors (parameters, updates, state) are replaced by their local shards (the
+        caller describes the layout in ``ctx.shards``, :mod:`steadygrad.core.dtensor`). A pending
+        factor in ``ctx`` (:attr:`StepContext.scale`) is applied first unless the transform takes
+        it. Returns the updates (real views for complex parameters, local shards of DTensors;
+        ``[]`` with ``apply``), with ``scaled`` the pair ``(updates, scale)``.
         """
         entries = list(map(store.__getitem__, params))
         self.ensure(store, params, shared, step_on_device=step_on_device, entries=entries)
-        real = not any_complex(params)
-        given = self.gather(store, params, shared, real=real, entries=entries)
+        local_params, specs = split_shards(params)
+        local = specs is not None
+        if local:
+            updates = [local_tensor(u) for u in updates]
+        real = not any_complex(local_params)
+        given = self.gather(store, params, shared, real=real, local=local, entries=entries)
         real_updates = list(updates) if real else [as_real(u) for u in updates]
-        real_params = list(params) if real else [as_real(p) for p in params]
+        real_params = local_params if real else [as_real(p) for p in local_params]
         if ctx.scale is not None and not self.transform.takes_scale:
             real_updates, ctx = apply_scale(real_updates, ctx)
         scale = None

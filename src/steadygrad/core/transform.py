@@ -55,7 +55,7 @@ Skipping a step without a host sync
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -132,6 +132,10 @@ class StepContext:
             executor provides one on the CPU, see :mod:`steadygrad.core.workspace`). A transform
             may write a temporary there that is dead when the step ends (a denominator), never
             state or updates it hands on.
+        shards: ``None``, or one :data:`~steadygrad.core.dtensor.ShardSpec` (or ``None``) per tensor
+            given: the tensors are the local shards of DTensors (FSDP2), and a transform that needs
+            a norm of whole tensors passes this to :mod:`steadygrad.core.norms`, which all-reduces
+            over the mesh (:mod:`steadygrad.core.dtensor`). Element-wise transforms ignore it.
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
@@ -140,6 +144,7 @@ class StepContext:
     writable: bool = True
     scale: Any = None
     scratch: Any = None
+    shards: Any = None
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as
@@ -162,13 +167,13 @@ class StepContext:
     def with_gate(self, gate: Tensor | None) -> StepContext:
         """This context with ``gate`` (already combined with the current one by the caller) and
         without ``norm`` (a gating caller zeroes the updates)."""
-        return StepContext(self.hyper, gate, None, self.writable, self.scale, self.scratch)
+        return replace(self, gate=gate, norm=None)
 
     def with_scale(self, scale: Any) -> StepContext:
         """This context with the pending factor ``scale`` (``None``: none)."""
         if scale is None and self.scale is None:
             return self
-        return StepContext(self.hyper, self.gate, self.norm, self.writable, scale, self.scratch)
+        return replace(self, scale=scale)
 
     def after(self, given: list[Tensor], returned: list[Tensor], scale: Any = None) -> StepContext:
         """The context for the next transform of a chain, which gets ``returned`` (carrying the
@@ -177,7 +182,7 @@ class StepContext:
         writable = self.writable or not given or returned[0] is not given[0]
         if self.norm is None and writable == self.writable and scale is None and self.scale is None:
             return self
-        return StepContext(self.hyper, self.gate, None, writable, scale, self.scratch)
+        return replace(self, norm=None, writable=writable, scale=scale)
 
 
 def apply_scale(updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], StepContext]:
@@ -193,7 +198,7 @@ def apply_scale(updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], 
         scale_(updates, factor)
     else:
         updates = scaled(updates, factor)
-    return updates, StepContext(ctx.hyper, ctx.gate, ctx.norm, True, None, ctx.scratch)
+    return updates, replace(ctx, writable=True, scale=None)
 
 
 def _settle(t: Transform, updates: list[Tensor], ctx: StepContext) -> tuple[list[Tensor], StepContext]:

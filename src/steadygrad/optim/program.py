@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.dtensor import all_ranks_true, split_shards
 from ..core.gate import all_finite, count_nonfinite
 from ..core.state import Replicated, StateLayout
 from ..core.tensorlist import split_like, working_copy
@@ -123,14 +124,15 @@ class StepProgram:
         layout = StateLayout(clip, CLIP_NAMESPACE, CLIP_NAMESPACE) if clip is not None else None
         return cls(key, groups, clip, layout, nonfinite)
 
-    def finite_gate(self, grads: Sequence[Tensor], describe: Any) -> Tensor | None:
+    def finite_gate(self, grads: Sequence[Tensor], describe: Any, shards: Any = None) -> Tensor | None:
         """The commit gate of ``nonfinite="skip"``: a 0-d float32 tensor, 1 when every gradient
         is finite, else 0 (decided on the device); ``None`` for ``"ignore"``. ``"raise"`` reads
         the check on the host (one device sync) and raises ``RuntimeError`` naming the first
-        parameter with inf/NaN (``describe(i)`` names gradient ``i``)."""
+        parameter with inf/NaN (``describe(i)`` names gradient ``i``). With ``shards`` (local
+        shards of DTensors) every rank holding a shard decides alike."""
         if self.nonfinite == "ignore":
             return None
-        ok = all_finite(grads)
+        ok = all_ranks_true(all_finite(grads), shards)
         if self.nonfinite == "skip":
             return ok.to(torch.float32)
         if not bool(ok):  # the documented host read
@@ -141,6 +143,9 @@ class StepProgram:
                         f"non-finite gradient in {describe(i)}: {bad} of {g.numel()} elements are inf or NaN; "
                         "use nonfinite='skip' to skip such steps"
                     )
+            raise RuntimeError(
+                "non-finite gradient in a shard held by another rank; use nonfinite='skip' to skip such steps"
+            )
         return None
 
     @property
@@ -161,36 +166,45 @@ class StepProgram:
     ) -> None:
         """One step on the parameters' own tensors: grouped foreach operations, state in ``store``
         (``opt.state``), large temporaries in ``workspace`` (on the CPU; see
-        :mod:`steadygrad.core.workspace`). Parameters without a gradient are not stepped."""
+        :mod:`steadygrad.core.workspace`). Parameters without a gradient are not stepped.
+
+        DTensor parameters (FSDP2) are stepped through their local shards, their layout handed to
+        the transforms as ``StepContext.shards`` (:mod:`steadygrad.core.dtensor`): element-wise
+        rules need no communication, norms are all-reduced over the mesh."""
         work = []
         for g, group in zip(self.groups, param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            grads, shards = split_shards([p.grad for p in params])
             if any(map(_is_sparse, grads)):
                 raise RuntimeError(
                     "steadygrad optimizers do not support sparse gradients; "
                     "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
                 )
-            work.append((g, group, params, grads))
+            work.append((g, group, params, grads, shards))
         if not work:
             return
-        gate = self.finite_gate([g for *_, grads in work for g in grads], lambda i: _describe(work, param_groups, i))
+        all_shards = None
+        if any(w[4] is not None for w in work):
+            all_shards = [s for *_, grads, shards in work for s in (shards or [None] * len(grads))]
+        gate = self.finite_gate(
+            [g for *_, grads, _ in work for g in grads], lambda i: _describe(work, param_groups, i), all_shards
+        )
         clipped = None
         if self.clip_layout is not None:
             # Once over the gradients of all groups (a global norm is over all of them); .grad is
             # left as it is (the clip gets a copy unless it writes nothing it is given).
-            starts = [start(grads, g.maximize, self.clip) for g, _, _, grads in work]
+            starts = [start(grads, g.maximize, self.clip) for g, _, _, grads, _ in work]
             flat = [u for us, _ in starts for u in us]
-            flat_params = [p for _, _, params, _ in work for p in params]
+            flat_params = [p for _, _, params, *_ in work for p in params]
             members = [p for group in param_groups for p in group["params"]]
-            ctx = StepContext(gate=gate, writable=all(w for _, w in starts))
+            ctx = StepContext(gate=gate, writable=all(w for _, w in starts), shards=all_shards)
             # A global coefficient comes back unapplied (scale): the groups' chains fold it in.
             out, scale = self.clip_layout.run(store, flat_params, flat, Replicated(store, members), ctx, scaled=True)
             writable = ctx.after(flat, out).writable
             clipped = [(us, writable) for us in split_like(out, [us for us, _ in starts])]
-        for i, (g, group, params, grads) in enumerate(work):
+        for i, (g, group, params, grads, shards) in enumerate(work):
             if clipped is not None:
                 updates, writable = clipped[i]
             else:
@@ -205,7 +219,8 @@ class StepProgram:
                     gate=gate,
                     writable=writable,
                     scale=scale,
-                    scratch=None if workspace is None else workspace.scratch(params),
+                    scratch=None if workspace is None else workspace.scratch(split_shards(params)[0]),
+                    shards=shards,
                 ),
                 apply=True,
                 step_on_device=g.step_on_device,
@@ -215,7 +230,7 @@ class StepProgram:
 def _describe(work: list, param_groups: Sequence[Mapping[str, Any]], i: int) -> str:
     """Names the ``i``-th gradient of a step's ``work`` (groups in order, parameters with a
     gradient)."""
-    for _, group, params, _ in work:
+    for _, group, params, *_ in work:
         if i < len(params):
             p = params[i]
             g_index = next(k for k, other in enumerate(param_groups) if other is group)

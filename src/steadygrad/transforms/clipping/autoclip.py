@@ -135,6 +135,7 @@ def autoclip_update(
     process_group: Any = None,
     gate: Tensor | None = None,
     norm: Tensor | None = None,
+    shards: Any = None,
 ) -> tuple[list[Tensor], AutoClipState]:
     """One AutoClip step: clips ``updates`` in place and returns them with the new state.
 
@@ -148,7 +149,7 @@ def autoclip_update(
             buffer of H slots.
         gate: the commit gate (``None`` = commit), as in :func:`zclip_update`.
     """
-    norm = total_norm(updates, 2.0, process_group) if norm is None else norm
+    norm = total_norm(updates, 2.0, process_group, shards=shards) if norm is None else norm
     device = norm.device
     dtype = torch.promote_types(state.norm_history.dtype, norm.dtype)
     n = norm.to(dtype)
@@ -227,6 +228,7 @@ class AutoClip(Transform):
             process_group=self.process_group,
             gate=ctx.gate,
             norm=ctx.norm if self.process_group is None else None,
+            shards=ctx.shards,
         )
 
 

@@ -55,14 +55,14 @@ Hyperparameters
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ...core.norms import norm_dtype
+from ...core.norms import norm_dtype, shard_sum
 
-__all__ = ["ClipState", "admits", "fraction_of", "new_fraction", "stat_device", "stat_dtype"]
+__all__ = ["ClipState", "admits", "element_fraction", "fraction_of", "new_fraction", "stat_device", "stat_dtype"]
 
 
 class ClipState(NamedTuple):
@@ -90,6 +90,18 @@ def fraction_of(counts: Sequence[Tensor], total: int, device: torch.device | Non
     dev = counts[0].device
     summed = torch.stack([c.to(device=dev, dtype=torch.int64) for c in counts]).sum()
     return (summed.to(torch.float64) / total).to(torch.float32)
+
+
+def element_fraction(counts: Sequence[Tensor], sizes: Sequence[int], shards: Any = None) -> Tensor:
+    """The fraction ``Σ counts / Σ sizes`` of per-element (or per-unit) counts of tensors whose
+    elements are ``sizes``; with ``shards`` (local shards of DTensors,
+    :attr:`~steadygrad.core.transform.StepContext.shards`) over the whole tensors, summed over the
+    ranks that hold their shards, so that every rank reports the same statistic."""
+    if shards is None:
+        return fraction_of(counts, sum(sizes))
+    total = shard_sum(list(sizes), shards)
+    summed = shard_sum(list(counts), shards)
+    return torch.where(total > 0, summed / torch.clamp(total, min=1), 0.0).to(torch.float32)
 
 
 def stat_dtype(params: Sequence[Tensor]) -> torch.dtype:

@@ -20,7 +20,7 @@ from ...core.norms import wide_dtype
 from ...core.tensorlist import Scalar, bias_correction, host_steps, scalar_dtype
 from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
-from .common import fraction_of, new_fraction
+from .common import element_fraction, new_fraction
 
 __all__ = [
     "ClipByMoment",
@@ -57,15 +57,15 @@ def moment_threshold(nu: list[Tensor], count: list[Tensor], *, k: Scalar, beta: 
     return threshold
 
 
-def clamp_to_threshold_(updates: list[Tensor], threshold: list[Tensor]) -> Tensor:
+def clamp_to_threshold_(updates: list[Tensor], threshold: list[Tensor], shards: Any = None) -> Tensor:
     """``u ← clamp(u, −τ, τ)`` in place (``threshold`` is consumed); returns the fraction of
-    elements with ``|u| > τ`` as a 0-d float32 tensor."""
+    elements with ``|u| > τ`` as a 0-d float32 tensor (of whole tensors with ``shards``)."""
     counts = [torch.count_nonzero(u.abs() > thr) for u, thr in zip(updates, threshold)]
-    total = sum(u.numel() for u in updates)
+    sizes = [u.numel() for u in updates]
     torch._foreach_clamp_max_(updates, threshold)
     torch._foreach_neg_(threshold)
     torch._foreach_clamp_min_(updates, threshold)
-    return fraction_of(counts, total)
+    return element_fraction(counts, sizes, shards)
 
 
 def moment_clip_(
@@ -76,6 +76,7 @@ def moment_clip_(
     k: Scalar,
     beta: Scalar,
     gate: Tensor | None = None,
+    shards: Any = None,
 ) -> Tensor:
     """OpenAI Five's clipping, in place on ``updates`` and ``nu``; ``count`` is read, not advanced.
 
@@ -92,13 +93,14 @@ def moment_clip_(
     closed gate). The caller advances ``count``.
 
     Returns:
-        the fraction of elements with ``|g| > k·sqrt(v̂)``.
+        the fraction of elements with ``|g| > k·sqrt(v̂)`` (of whole tensors with ``shards``, the
+        local shards' layout of :attr:`~steadygrad.core.transform.StepContext.shards`).
     """
     if not (len(updates) == len(nu) == len(count)):
         raise ValueError(f"moment_clip_: {len(updates)} updates, {len(nu)} nu and {len(count)} count tensors")
     threshold = moment_threshold(nu, count, k=k, beta=beta)
     ema_square_(nu, updates, beta, gate)
-    return clamp_to_threshold_(updates, threshold)
+    return clamp_to_threshold_(updates, threshold, shards)
 
 
 def moment_clip_update(
@@ -109,10 +111,11 @@ def moment_clip_update(
     k: Scalar,
     beta: Scalar,
     gate: Tensor | None = None,
+    shards: Any = None,
 ) -> tuple[list[Tensor], Tensor]:
     """:func:`clip_by_moment`'s step: :func:`moment_clip_` with its own counters, which advance
     (by the gate). Returns ``(updates, fraction)``."""
-    fraction = moment_clip_(updates, nu, count, k=k, beta=beta, gate=gate)
+    fraction = moment_clip_(updates, nu, count, k=k, beta=beta, gate=gate, shards=shards)
     advance_(count, gate)
     return updates, fraction
 
@@ -154,7 +157,9 @@ class ClipByMoment(Transform):
     def update(self, updates, state, params=None, ctx=PLAIN):
         gate = ctx.gate
         k, beta = ctx.value(self.k), ctx.value(self.beta)
-        updates, fraction = moment_clip_update(updates, state.nu, state.count, k=k, beta=beta, gate=gate)
+        updates, fraction = moment_clip_update(
+            updates, state.nu, state.count, k=k, beta=beta, gate=gate, shards=ctx.shards
+        )
         return updates, state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
 
 

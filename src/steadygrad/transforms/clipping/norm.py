@@ -30,6 +30,7 @@ def norm_clip_update(
     scope: str = "global",
     norm: Tensor | None = None,
     inplace: bool = True,
+    shards: Any = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Clipping by p-norm: torch's ``clip_grad_norm_`` rule.
 
@@ -45,13 +46,16 @@ def norm_clip_update(
         norm: ``scope="global"`` only: the global norm if the caller already has it, else it is
             computed here.
         inplace: scale ``updates`` in place (else return scaled copies; ``scope="global"``).
+        shards: ``updates`` are local shards of DTensors laid out so
+            (:attr:`~steadygrad.core.transform.StepContext.shards`): the norms are of the whole
+            tensors.
 
     Returns:
         ``(updates, fraction)``: the fraction of norms (1 for global) whose coefficient is
         below 1.
     """
     if scope == "global":
-        coef, fraction = global_coefficient(updates, max_norm=max_norm, norm_type=norm_type, norm=norm)
+        coef, fraction = global_coefficient(updates, max_norm=max_norm, norm_type=norm_type, norm=norm, shards=shards)
         if not inplace:
             updates = scaled(updates, coef)
         else:
@@ -59,18 +63,24 @@ def norm_clip_update(
         return updates, fraction
     if scope != "tensor":
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    coefs = [clip_coefficient(n, max_norm) for n in tensor_norms(updates, norm_type)]
+    coefs = [clip_coefficient(n, max_norm) for n in tensor_norms(updates, norm_type, shards=shards)]
     for u, c in zip(updates, coefs):
         scale_([u], c)
     return updates, fraction_of([c < 1 for c in coefs], len(coefs))
 
 
 def global_coefficient(
-    updates: list[Tensor], *, max_norm: Scalar, norm_type: float = 2.0, norm: Tensor | None = None
+    updates: list[Tensor],
+    *,
+    max_norm: Scalar,
+    norm_type: float = 2.0,
+    norm: Tensor | None = None,
+    shards: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """The coefficient ``c`` of global norm clipping (``norm``: the global norm if the caller has
-    it) and the fraction clipped (1.0 if ``c < 1`` else 0.0), as 0-d tensors."""
-    n = total_norm(updates, norm_type) if norm is None else norm
+    it; ``shards`` as for :func:`norm_clip_update`) and the fraction clipped (1.0 if ``c < 1``
+    else 0.0), as 0-d tensors."""
+    n = total_norm(updates, norm_type, shards=shards) if norm is None else norm
     coef = clip_coefficient(n, max_norm)
     return coef, (coef < 1).to(torch.float32)
 
@@ -118,6 +128,7 @@ class ClipByNorm(Transform):
             max_norm=ctx.value(self.max_norm),
             norm_type=self.norm_type,
             norm=ctx.norm if self.norm_type == 2.0 else None,
+            shards=ctx.shards,
         )
         return updates, coef, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 
@@ -132,6 +143,7 @@ class ClipByNorm(Transform):
             scope=self.scope,
             norm=norm,
             inplace=ctx.writable or self.scope != "global",
+            shards=ctx.shards,
         )
         return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 

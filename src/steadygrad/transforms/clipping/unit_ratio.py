@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from ...core.gate import commit_select
-from ...core.norms import wide_dtype
+from ...core.norms import all_reduce_shards_, wide_dtype
 from ...core.tensorlist import Scalar
 from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
-from .common import ClipState, fraction_of, new_fraction
+from .common import ClipState, element_fraction, new_fraction
 
 __all__ = ["AGC_DIV_EPS", "ClipByUnitRatio", "clip_by_unit_ratio", "unit_ratio_clip_update"]
 
@@ -23,7 +23,7 @@ __all__ = ["AGC_DIV_EPS", "ClipByUnitRatio", "clip_by_unit_ratio", "unit_ratio_c
 AGC_DIV_EPS = 1e-6
 
 
-def _unit_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+def _unit_norms(tensors: Sequence[Tensor], shards: Any = None) -> list[Tensor]:
     """The L2 norm of each unit of each tensor in torch's ``(out, in, ...)`` layout.
 
     A tensor of 2 or more dimensions has ``shape[0]`` units (its slices along dim 0): the result
@@ -31,6 +31,10 @@ def _unit_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     ``(1,) * ndim``. One reduction per tensor over dims ``1..`` (not one per unit: a model's
     embedding has tens of thousands of rows, and a graph with a node per row takes minutes to
     compile), accumulated in float32 or wider.
+
+    With ``shards`` (local shards of DTensors): a unit split across ranks (a 0-D or 1-D tensor
+    sharded, or a tensor sharded along a dimension other than 0) gets its squared norm summed
+    over those ranks; rows of a tensor sharded along dim 0 (FSDP2) are whole on one rank.
     """
     out = []
     for t in tensors:
@@ -39,11 +43,21 @@ def _unit_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
             out.append(torch.linalg.vector_norm(t, 2, dtype=wide).reshape((1,) * t.dim()))
         else:
             out.append(torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.dim())), keepdim=True, dtype=wide))
+    split = [_splits_units(t, s) for t, s in zip(tensors, shards)] if shards is not None else []
+    if any(split):
+        squares = [n.square() for n in out]
+        all_reduce_shards_(squares, [s if flag else None for s, flag in zip(shards, split)])
+        out = [sq.sqrt() if flag else n for n, sq, flag in zip(out, squares, split)]
     return out
 
 
+def _splits_units(t: Tensor, spec: Any) -> bool:
+    """Whether a shard holds parts of units (rather than whole units) of its tensor."""
+    return bool(spec and spec[1]) and (t.dim() <= 1 or any(d != 0 for d in spec[2]))
+
+
 def unit_ratio_clip_update(
-    updates: list[Tensor], params: Sequence[Tensor], *, clip_factor: Scalar, eps: Scalar
+    updates: list[Tensor], params: Sequence[Tensor], *, clip_factor: Scalar, eps: Scalar, shards: Any = None
 ) -> tuple[list[Tensor], Tensor]:
     """AGC, in place on ``updates``; units in torch's layout (see :func:`clip_by_unit_ratio`).
 
@@ -53,14 +67,15 @@ def unit_ratio_clip_update(
         \\;\\text{ if } \\|G_u\\| > m
 
     Returns:
-        ``(updates, fraction)``: the fraction of units clipped.
+        ``(updates, fraction)``: the fraction of units clipped (of whole tensors with ``shards``,
+        the local shards' layout of :attr:`~steadygrad.core.transform.StepContext.shards`).
     """
     if len(params) != len(updates):
         raise ValueError(f"unit_ratio_clip_update: {len(updates)} updates but {len(params)} params")
-    g_norms = _unit_norms(updates)
-    w_norms = _unit_norms(params)
+    g_norms = _unit_norms(updates, shards)
+    w_norms = _unit_norms(params, shards)
     counts = []
-    units = 0
+    units = []
     for u, gn, wn in zip(updates, g_norms, w_norms):
         limit = torch.clamp(wn.to(gn.dtype), min=eps) * clip_factor
         clipped = gn > limit
@@ -74,8 +89,11 @@ def unit_ratio_clip_update(
         else:
             u.mul_(coef)
         counts.append(torch.count_nonzero(clipped))
-        units += gn.numel()
-    return updates, fraction_of(counts, units)
+        units.append(gn.numel())
+    # A tensor whose units were all-reduced counts them once; one sharded by whole units, on
+    # every rank that holds some.
+    by_units = None if shards is None else [None if _splits_units(u, s) else s for u, s in zip(updates, shards)]
+    return updates, element_fraction(counts, units, by_units)
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ class ClipByUnitRatio(Transform):
                 "clip_by_unit_ratio needs the parameters (the weight norms): update(updates, state, params)"
             )
         updates, fraction = unit_ratio_clip_update(
-            updates, params, clip_factor=ctx.value(self.clip_factor), eps=ctx.value(self.eps)
+            updates, params, clip_factor=ctx.value(self.clip_factor), eps=ctx.value(self.eps), shards=ctx.shards
         )
         return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 

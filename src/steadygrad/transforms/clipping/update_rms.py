@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ...core.gate import commit_select
-from ...core.norms import scale_, tensor_norms
+from ...core.norms import all_reduce_shards_, scale_, tensor_norms
 from ...core.tensorlist import Scalar
 from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
@@ -20,20 +19,27 @@ from .common import ClipState, fraction_of, new_fraction
 __all__ = ["ClipUpdateRms", "clip_update_rms", "rms_clip_update"]
 
 
-def rms_clip_update(updates: list[Tensor], *, d: Scalar) -> tuple[list[Tensor], Tensor]:
+def rms_clip_update(updates: list[Tensor], *, d: Scalar, shards: Any = None) -> tuple[list[Tensor], Tensor]:
     """Adafactor's update clipping, per tensor, in place on ``updates``.
 
     .. math::
         \\operatorname{RMS}(U) = \\frac{\\|U\\|_2}{\\sqrt{\\operatorname{numel}(U)}},\\qquad
         U \\leftarrow \\frac{U}{\\max\\big(1, \\operatorname{RMS}(U)/d\\big)}
 
+    With ``shards`` (local shards of DTensors,
+    :attr:`~steadygrad.core.transform.StepContext.shards`) the norm and the element count are of
+    the whole tensor.
+
     Returns:
         ``(updates, fraction)``: the fraction of tensors with ``RMS(U) > d``.
     """
-    norms = tensor_norms(updates, 2.0)
+    norms = tensor_norms(updates, 2.0, shards=shards)
+    sizes = [torch.tensor(float(u.numel()), dtype=torch.float64, device=u.device) for u in updates]
+    if shards is not None:
+        all_reduce_shards_(sizes, shards)
     flags = []
-    for u, n in zip(updates, norms):
-        rms = n / math.sqrt(max(u.numel(), 1))
+    for u, n, size in zip(updates, norms, sizes):
+        rms = n / torch.sqrt(torch.clamp(size, min=1.0)).to(n.dtype)
         ratio = rms / d
         flags.append(ratio > 1)
         scale_([u], 1 / torch.clamp(ratio, min=1.0))
@@ -53,7 +59,7 @@ class ClipUpdateRms(Transform):
         return ClipState(fraction_clipped=new_fraction(params))
 
     def update(self, updates, state, params=None, ctx=PLAIN):
-        updates, fraction = rms_clip_update(updates, d=ctx.value(self.d))
+        updates, fraction = rms_clip_update(updates, d=ctx.value(self.d), shards=ctx.shards)
         return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 
 

@@ -13,29 +13,30 @@ from ...core.gate import commit_select
 from ...core.tensorlist import Scalar
 from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
-from .common import ClipState, fraction_of, new_fraction
+from .common import ClipState, element_fraction, new_fraction
 
 __all__ = ["ClipByValue", "clip_by_value", "value_clip_update"]
 
 
-def value_clip_update(updates: list[Tensor], *, limit: Scalar) -> tuple[list[Tensor], Tensor]:
+def value_clip_update(updates: list[Tensor], *, limit: Scalar, shards: Any = None) -> tuple[list[Tensor], Tensor]:
     """Element-wise clipping to ``[-limit, limit]``, in place on ``updates``.
 
     .. math::
         u \\leftarrow \\min(\\max(u, -c), c)
 
     Returns:
-        ``(updates, fraction)``: the fraction of elements with ``|u| > limit``.
+        ``(updates, fraction)``: the fraction of elements with ``|u| > limit`` (of whole tensors
+        with ``shards``, :func:`~steadygrad.transforms.clipping.common.element_fraction`).
     """
     counts = [torch.count_nonzero(u.abs() > limit) for u in updates]
-    total = sum(u.numel() for u in updates)
+    sizes = [u.numel() for u in updates]
     if isinstance(limit, Tensor):
         torch._foreach_clamp_max_(updates, [limit] * len(updates))
         torch._foreach_clamp_min_(updates, [-limit] * len(updates))
     else:
         torch._foreach_clamp_max_(updates, limit)
         torch._foreach_clamp_min_(updates, -limit)
-    return updates, fraction_of(counts, total)
+    return updates, element_fraction(counts, sizes, shards)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ClipByValue(Transform):
         return ClipState(fraction_clipped=new_fraction(params))
 
     def update(self, updates, state, params=None, ctx=PLAIN):
-        updates, fraction = value_clip_update(updates, limit=ctx.value(self.limit))
+        updates, fraction = value_clip_update(updates, limit=ctx.value(self.limit), shards=ctx.shards)
         return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 
 

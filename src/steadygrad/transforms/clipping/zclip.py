@@ -65,6 +65,7 @@ def zclip_update(
     process_group: Any = None,
     gate: Tensor | None = None,
     norm: Tensor | None = None,
+    shards: Any = None,
 ) -> tuple[list[Tensor], ZClipState]:
     """One ZClip step: clips ``updates`` in place and returns them with the new state.
 
@@ -85,7 +86,7 @@ def zclip_update(
             updates as they are (see the module docstring).
         norm: the global L2 norm of ``updates`` if the caller has it (computed here otherwise).
     """
-    norm = total_norm(updates, 2.0, process_group) if norm is None else norm
+    norm = total_norm(updates, 2.0, process_group, shards=shards) if norm is None else norm
     device = norm.device
     dtype = torch.promote_types(state.norm_mean.dtype, norm.dtype)
     n = norm.to(dtype)
@@ -188,6 +189,7 @@ class ZClip(Transform):
             process_group=self.process_group,
             gate=ctx.gate,
             norm=ctx.norm if self.process_group is None else None,
+            shards=ctx.shards,
         )
 
 
