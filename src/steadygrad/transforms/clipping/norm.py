@@ -177,8 +177,8 @@ def clip_by_norm(max_norm: float | Tensor, norm_type: float = 2.0, scope: str = 
     except that norms accumulate in float32 or wider. optax's ``clip_by_global_norm`` has no
     ``1e-6`` (it scales by ``max_norm/n``) and is L2 only. torch and timm have no per-tensor
     scope (one calls ``clip_grad_norm_`` per tensor, which ``scope="tensor"`` equals); optax's
-    ``clip_by_block_rms`` bounds each tensor's RMS instead (:func:`clip_update_rms`). For a norm
-    global across ranks (FSDP shards) use :func:`steadygrad.clip_grad_norm_` with
-    ``process_group``.
+    ``clip_by_block_rms`` bounds each tensor's RMS instead (:func:`clip_update_rms`). On DTensor
+    gradients (FSDP2) the norms are of the whole tensors, all-reduced over the mesh
+    (:attr:`~steadygrad.core.transform.StepContext.shards`).
     """
     return ClipByNorm(max_norm, norm_type, scope)
