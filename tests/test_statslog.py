@@ -183,3 +183,23 @@ def test_an_open_tensorboard_writer_gets_every_scalar_and_stays_open():
         log.log(2, loss=torch.tensor(0.5))
     assert writer.calls == [("loss", 2.0, 0), ("clip/skipped", 1.0, 0), ("loss", 1.0, 1), ("loss", 0.5, 2)]
     assert writer.flushes == 2 and not writer.closed
+
+
+def test_missing_directories_are_created_and_names_never_collide_silently(tmp_path):
+    path = tmp_path / "run" / "logs" / "stats.jsonl"
+    logger = StatsLogger(path, flush_every=1)
+    logger.log(0, loss=1.0)
+    assert path.exists()
+    with pytest.raises(ValueError, match=r"\['clip/norm'\] are given twice"):
+        logger.log(1, clip={"norm": 1.0}, **{"clip/norm": 2.0})
+    # the Clipper's statistics and the optimizer's have distinct names
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = sg.optim.Adam([p], clip=sg.clip_by_norm(1.0), moment_clip=2.0)
+    clipper = sg.Clipper([p], sg.zclip())
+    p.grad = torch.ones(3)
+    stats = clipper.clip_()
+    opt.step()
+    logger.log(2, clip=stats, **sg.optimizer_stats(opt))
+    logger.close()
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert {"clip/fraction_clipped", "optim/clip_fraction", "optim/moment_clip_fraction"} <= set(last)

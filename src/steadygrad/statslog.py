@@ -108,6 +108,9 @@ class StatsLogger:
             if suffix not in (".csv", ".jsonl"):
                 raise ValueError(f"the log file must end in .csv or .jsonl, got {self.path!r}")
             self.format = suffix[1:]
+            directory = os.path.dirname(self.path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
             with open(self.path, "w"):
                 pass
         self.writer = None
@@ -138,7 +141,14 @@ class StatsLogger:
         step = operator.index(step)
         record: dict[str, Value] = {}
         for name, value in stats.items():
-            record.update(flatten_stats(name, value))
+            flat = flatten_stats(name, value)
+            twice = record.keys() & flat.keys()
+            if twice:
+                raise ValueError(
+                    f"the statistics {sorted(twice)} are given twice in one log() call (one would silently "
+                    "overwrite the other): log them under different names"
+                )
+            record.update(flat)
         self._pending.append((step, record))
         if len(self._pending) >= self.flush_every:
             self.flush()
