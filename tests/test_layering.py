@@ -9,13 +9,13 @@ import sys
 import steadygrad
 
 ROOT = pathlib.Path(steadygrad.__file__).parent
-LAYERS = {"core": 0, "apps": 1, "cli": 2}  # a module may import from its own layer and those below
+LAYERS = {"core": 0, "apps": 1, "integrations": 1, "cli": 2}  # a module may import its own layer and those below
 
 
 def _layer(module: str) -> str:
     """``steadygrad.apps.demo.report`` -> ``apps``; library modules are ``core``."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[1] in ("apps", "cli") else "core"
+    return parts[1] if len(parts) > 1 and parts[1] in ("apps", "integrations", "cli") else "core"
 
 
 def _imports(path: pathlib.Path) -> list[str]:
@@ -61,7 +61,8 @@ def test_import_steadygrad_loads_no_application_or_plotting_module():
     code = (
         "import sys, steadygrad, steadygrad.optim, steadygrad.transforms\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'sklearn', 'pandas')\n"
-        "             or m.split('.')[:2] in (['steadygrad', 'apps'], ['steadygrad', 'cli']))\n"
+        "             or m.split('.')[:2] in (['steadygrad', 'apps'], ['steadygrad', 'cli'],"
+        " ['steadygrad', 'integrations']))\n"
         "print(bad)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
