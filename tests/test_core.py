@@ -289,3 +289,31 @@ def test_a_pending_clip_coefficient_equals_clipping_first(make_after, writable):
         want, state_t = after.update(clipped, state_t, params)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_shared_scalar_tensors_do_not_depend_on_the_first_callers_context():
+    """The 0-d scalars that mul_scalar_/add_scalar_ cache are CPU tensors made outside inference
+    mode, and no shared tensor is made under a dispatch mode (fake tensors, meta)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    value = 0.123456789
+    with torch.device("meta"):
+        ts = [torch.ones(3, device="cpu")]
+        add_scalar_(ts, value)
+    with torch.inference_mode():
+        ts2 = [torch.ones(3)]
+        mul_scalar_(ts2, value + 1)
+    with FakeTensorMode():
+        fake = [torch.ones(3)]
+        mul_scalar_(fake, value + 2)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = sg.optim.Adam([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert opt.state[p]["step"].item() == 3.0
+    out = [torch.ones(3, requires_grad=False)]
+    add_scalar_(out, value)
+    mul_scalar_(out, value + 1)
+    mul_scalar_(out, value + 2)
+    assert torch.allclose(out[0], torch.full((3,), (1 + value) * (1 + value) * (value + 2)))

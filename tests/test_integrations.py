@@ -110,7 +110,7 @@ def test_lightning_clips_and_skips_as_a_plain_loop(steadygrad_optimizer):
     _plain_loop(net, opt, clipper, epochs=2)
     for a, b in zip(module.net.parameters(), net.parameters()):
         assert torch.equal(a, b)
-    assert int(callback.clipper.state_dict()["shared"]["num_norms"]) == 2 * N_SAMPLES // BATCH - 2  # 2 NaN steps
+    assert int(callback.clippers[0].state_dict()["shared"]["num_norms"]) == 2 * N_SAMPLES // BATCH - 2  # 2 NaN
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
@@ -129,7 +129,7 @@ def test_lightning_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     _trainer(resumed_cb, max_epochs=2).fit(resumed, ckpt_path=tmp_path / "one.ckpt")
     for a, b in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(a, b)
-    sa, sb = resumed_cb.clipper.state_dict(), straight_cb.clipper.state_dict()
+    sa, sb = resumed_cb.clippers[0].state_dict(), straight_cb.clippers[0].state_dict()
     for i in sb["state"]:
         for key in sb["state"][i]:
             assert torch.equal(sa["state"][i][key], sb["state"][i][key])
@@ -144,7 +144,62 @@ def test_lightning_logs_the_statistics_and_warns_about_a_second_clipping():
     assert {"clip/norm", "clip/fraction_clipped", "clip/skipped"} <= set(trainer.callback_metrics)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        LightningClipper(sg.clip_by_norm(0.1)).setup(trainer, module, "validate")
+        _trainer(LightningClipper(sg.clip_by_norm(0.1)), max_epochs=1).fit(_Module())
+
+
+class _LateModule(_Module):
+    """The layers are made in configure_model (where large models and FSDP2 sharding go)."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+        self.steadygrad_optimizer = True
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = _net()
+
+
+def test_lightning_clips_parameters_made_in_configure_model():
+    module = _LateModule()
+    callback = LightningClipper(sg.clip_by_value(1e-3), nonfinite="ignore")
+    _trainer(callback, max_epochs=1, limit_train_batches=2).fit(module)
+    (clipper,) = callback.clippers
+    assert len(clipper.params) == 4
+    assert float(callback.last_stats.clipped_norm) < float(callback.last_stats.norm)
+
+
+class _TwoOptimizers(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        for layer, opt in ((self.a, opt_a), (self.b, opt_b)):
+            opt.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(layer(torch.nan_to_num(x)), y))
+            opt.step()
+
+    def configure_optimizers(self):
+        return sg.optim.Adam(self.a.parameters(), lr=0.01), torch.optim.Adam(self.b.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return _Module().train_dataloader()
+
+
+def test_lightning_gives_each_optimizer_a_clipper_of_its_own():
+    module = _TwoOptimizers()
+    callback = LightningClipper(sg.clip_by_norm(0.01))
+    trainer = _trainer(callback, max_epochs=1, limit_train_batches=3)
+    trainer.fit(module)
+    a, b = callback.clippers
+    assert a.params == list(module.a.parameters()) and b.params == list(module.b.parameters())
+    for clipper in (a, b):  # each clipped its own gradients once per step
+        assert float(clipper.state_dict()["shared"]["fraction_clipped"]) == 1.0
+    assert {"clip/0/norm", "clip/1/norm"} <= set(trainer.callback_metrics)
 
 
 # ---- Hugging Face Trainer ---------------------------------------------------------------------------

@@ -420,7 +420,9 @@ class GradAccumulator:
         ``ema += commit * (1 - beta) * (x - ema)``; never branch on its value on the host. Without a
         scaler (or with a disabled one) ``commit`` is 1.
 
-        No host sync is added: the only one is the ``.item()`` inside ``GradScaler.step``.
+        No host sync is added: the only ones are the ``.item()`` inside ``GradScaler.step`` and,
+        with a :class:`~steadygrad.Clipper` in ``nonfinite="skip"`` mode, its read of ``skipped``
+        (it drops the gradients of a skipped window, so the optimizer step changes nothing).
 
         Args:
             optimizer: the optimizer that owns the accumulator's parameters.

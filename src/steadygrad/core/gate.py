@@ -24,6 +24,7 @@ from .tensorlist import Scalar, add_scalar_, addcmul_, dtypes, group_by_device_d
 __all__ = [
     "advance_",
     "all_finite",
+    "clones",
     "combine_gates",
     "commit_select",
     "count_nonfinite",
@@ -59,6 +60,13 @@ def commit_select(gate: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
 
 def _open_masks(gate: Tensor, tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:
     return {d: on_device(gate, d) != 0 for d in {t.device for t in tensors}}
+
+
+def clones(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """New copies of ``tensors``: where a gated update computes its new values, with the very
+    in-place operations of the ungated one (an out-of-place foreach operation can round
+    float16/bfloat16 differently on the CPU)."""
+    return [t.clone() for t in tensors]
 
 
 def select_(old: Sequence[Tensor], new: Sequence[Tensor], gate: Tensor | None) -> None:
@@ -143,11 +151,8 @@ def ema_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor | None, 
     """``m ← β·m + (1 − β)·s·x`` in place (``lerp`` for ``s = 1``), unchanged under a closed
     gate. ``scale`` (``s``): a factor ``x`` still carries (:attr:`~steadygrad.core.transform.StepContext.scale`)."""
     if gate is not None:
-        if scale == 1:
-            new = torch._foreach_lerp(avg, x, 1 - beta)
-        else:
-            new = torch._foreach_mul(avg, beta)
-            _add_scaled_(new, x, (1 - beta) * scale)
+        new = clones(avg)
+        ema_(new, x, beta, None, scale)
         select_(avg, new, gate)
     elif scale == 1:
         torch._foreach_lerp_(avg, x, 1 - beta)
@@ -171,8 +176,8 @@ def ema_square_(avg: list[Tensor], x: list[Tensor], beta: Scalar, gate: Tensor |
     if dtypes(x) != dtypes(avg) or len(dtypes(avg)) > 1:
         x = [u if u.dtype == v.dtype else u.to(v.dtype) for u, v in zip(x, avg)]
     if gate is not None:
-        new = torch._foreach_mul(avg, beta)
-        addcmul_(new, x, x, (1 - beta) * (scale * scale))
+        new = clones(avg)
+        ema_square_(new, x, beta, None, scale)
         select_(avg, new, gate)
         return
     mul_scalar_(avg, beta)

@@ -151,6 +151,8 @@ def _cpu_scalar(value: Scalar, tensors: Sequence[Tensor]) -> Scalar:
     adds its ``step`` counters this way)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not tensors or torch.compiler.is_compiling():
         return value
+    if torch._C._len_torch_dispatch_stack():  # a fake/meta/debug mode: a number, no shared tensor
+        return value
     first = tensors[0]
     if first.dtype not in _TENSOR_SCALAR_DTYPES or not first.is_cpu or len(dtypes(tensors)) != 1:
         return value
@@ -161,8 +163,10 @@ def _cpu_scalar(value: Scalar, tensors: Sequence[Tensor]) -> Scalar:
 @functools.lru_cache(maxsize=256)
 def _scalar_tensor(value: float, sign: float, dtype: torch.dtype) -> Tensor:
     """A 0-d CPU tensor holding ``value``, shared (it is only ever read); ``sign`` keeps 0.0 and
-    -0.0, which compare equal, apart."""
-    return torch.tensor(value, dtype=dtype)
+    -0.0, which compare equal, apart. Made on the CPU and outside inference mode whatever the
+    caller's context (a ``torch.device`` default, ``inference_mode``), as it outlives it."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype, device="cpu")
 
 
 def mul_scalar_(tensors: list[Tensor], value: Scalar) -> None:

@@ -61,7 +61,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from .gate import select_
+from .gate import clones, select_
 from .tensorlist import mul_scalar_
 
 __all__ = [
@@ -235,19 +235,10 @@ class Dense(NamedTuple):
 
     def add_to_(self, params: list[Tensor], factor: Any = 1.0) -> None:
         """``params += factor · u`` (the tensors are read, not written)."""
-        self._add(params, factor, True)
-
-    def added(self, params: list[Tensor], factor: Any = 1.0) -> list[Tensor]:
-        """``params + factor · u`` as new tensors, computed as :meth:`add_to_` computes it."""
-        return self._add(params, factor, False)
-
-    def _add(self, params: list[Tensor], factor: Any, inplace: bool) -> list[Tensor]:
-        add = torch._foreach_add_ if inplace else torch._foreach_add
         if _is_number(factor):
-            out = add(params, self.tensors, alpha=factor)
+            torch._foreach_add_(params, self.tensors, alpha=factor)
         else:
-            out = add(params, torch._foreach_mul(self.tensors, factor))
-        return params if inplace else out
+            torch._foreach_add_(params, torch._foreach_mul(self.tensors, factor))
 
 
 class Quotient(NamedTuple):
@@ -273,26 +264,17 @@ class Quotient(NamedTuple):
 
     def add_to_(self, params: list[Tensor], factor: Any = 1.0) -> None:
         """``params += factor · u`` in one pass where the factors are numbers."""
-        self._add(params, factor, True)
-
-    def added(self, params: list[Tensor], factor: Any = 1.0) -> list[Tensor]:
-        """``params + factor · u`` as new tensors, computed as :meth:`add_to_` computes it."""
-        return self._add(params, factor, False)
-
-    def _add(self, params: list[Tensor], factor: Any, inplace: bool) -> list[Tensor]:
         scales = self._scales(factor)
         if isinstance(scales, list) and scales and all(map(_is_number, scales)) and len(set(scales)) == 1:
             scales = scales[0]  # one number: no list of scalars to convert per tensor
-        addcdiv = torch._foreach_addcdiv_ if inplace else torch._foreach_addcdiv
         if _is_number(scales):
-            out = addcdiv(params, self.num, self.den, value=scales)
+            torch._foreach_addcdiv_(params, self.num, self.den, value=scales)
         elif isinstance(scales, list) and all(map(_is_number, scales)):
-            out = addcdiv(params, self.num, self.den, scales)
+            torch._foreach_addcdiv_(params, self.num, self.den, scales)
         else:
             u = torch._foreach_div(self.num, self.den)
             torch._foreach_mul_(u, scales)
-            out = (torch._foreach_add_ if inplace else torch._foreach_add)(params, u)
-        return params if inplace else out
+            torch._foreach_add_(params, u)
 
 
 class Transform:
@@ -481,11 +463,10 @@ def _apply_gated(params: list[Tensor], pending: Dense | Quotient, a: Any, b: Any
             mul_scalar_(params, 1 + b)
         pending.add_to_(params, a)
         return
+    new = clones(params)
     if decay:
-        new = torch._foreach_mul(params, 1 + b)
-        pending.add_to_(new, a)
-    else:
-        new = pending.added(params, a)
+        mul_scalar_(new, 1 + b)
+    pending.add_to_(new, a)
     select_(params, new, gate)
 
 

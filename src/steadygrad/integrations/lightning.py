@@ -41,26 +41,31 @@ class ClipperCallback(Callback):
     Where: in ``on_before_optimizer_step``, which Lightning calls after the backward pass of
     the step (after ``scaler.unscale_`` with 16-bit AMP, so the true gradients are clipped) and
     before its own ``gradient_clip_val`` clipping and ``optimizer.step()``. With gradient
-    accumulation it runs once per optimizer step, on the accumulated gradients.
+    accumulation it runs once per optimizer step, on the accumulated gradients. Each optimizer has
+    a clipper of its own, over its own parameters (a GAN's two optimizers clip apart); the clippers
+    are built in ``on_fit_start``, after ``configure_model`` and the strategy's setup (FSDP2), so
+    they see the parameters the optimizers step.
 
     A step with inf/NaN gradients (``nonfinite="skip"``) leaves the clipper's state as it was and
-    drops every gradient (``.grad = None``), so the optimizer step after it, torch's or
-    steadygrad's, changes no parameter and no optimizer state.
+    drops every gradient of that optimizer (``.grad = None``), so the optimizer step after it,
+    torch's or steadygrad's, changes no parameter and no optimizer state.
 
     Args:
         transform: the clipping rule (``sg.zclip()``, ``sg.clip_by_moment()``, ... or a list of
             them, chained).
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"``, as for :class:`~steadygrad.Clipper`.
         log: log the :class:`~steadygrad.ClipStats` of every step with ``LightningModule.log``
-            (``clip/norm``, ``clip/clipped_norm``, ``clip/fraction_clipped``, ``clip/skipped``).
+            (``clip/norm``, ``clip/clipped_norm``, ``clip/fraction_clipped``, ``clip/skipped``;
+            ``clip/<i>/...`` per optimizer when there are several).
         prefix: the prefix of those names.
 
-    State: the clipper's :meth:`~steadygrad.Clipper.state_dict` is the callback's, so it is saved
-    in Lightning's checkpoints and restored by ``trainer.fit(..., ckpt_path=...)``: a resumed run
-    clips as the run that never stopped.
+    State: the clippers' :meth:`~steadygrad.Clipper.state_dict` are the callback's
+    (``{"clippers": [...]}``, one per optimizer), so they are saved in Lightning's checkpoints and
+    restored by ``trainer.fit(..., ckpt_path=...)``: a resumed run clips as the run that never
+    stopped.
 
-    Warns once when the Trainer's ``gradient_clip_val`` is also set: Lightning would then clip
-    again, after this callback.
+    Warns when the Trainer's ``gradient_clip_val`` is also set: Lightning would then clip again,
+    after this callback.
     """
 
     def __init__(
@@ -75,45 +80,64 @@ class ClipperCallback(Callback):
         self.nonfinite = nonfinite
         self.log = log
         self.prefix = prefix
-        self.clipper: Clipper | None = None
+        self.clippers: list[Clipper] = []
         self.last_stats: ClipStats | None = None
-        self._loaded: dict[str, Any] | None = None
+        self._loaded: list[dict[str, Any]] | None = None
         Clipper([], self.transform, nonfinite=nonfinite)  # validates nonfinite now
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self.clipper is None:
-            self.clipper = build_clipper(pl_module.named_parameters(), self.transform, self.nonfinite)
-        if self._loaded is not None:
-            self.clipper.load_state_dict(self._loaded)
-            self._loaded = None
-        if stage == "fit" and getattr(trainer, "gradient_clip_val", None):
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(trainer, "gradient_clip_val", None):
             warnings.warn(
                 f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips again after ClipperCallback; "
                 "leave it unset to clip with steadygrad only",
                 stacklevel=2,
             )
+        names = {id(p): name for name, p in pl_module.named_parameters()}
+        self.clippers = [
+            build_clipper(
+                [(names.get(id(p), "?"), p) for group in _inner(optimizer).param_groups for p in group["params"]],
+                self.transform,
+                self.nonfinite,
+            )
+            for optimizer in trainer.optimizers
+        ]
+        if self._loaded is not None:
+            if len(self._loaded) != len(self.clippers):
+                raise ValueError(
+                    f"the checkpoint holds the state of {len(self._loaded)} clippers, this run has "
+                    f"{len(self.clippers)} optimizers"
+                )
+            for clipper, state in zip(self.clippers, self._loaded):
+                clipper.load_state_dict(state)
+            self._loaded = None
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.clipper is None:
-            self.setup(trainer, pl_module, "fit")
-        stats = self.clipper.clip_()
+        index = next(i for i, o in enumerate(trainer.optimizers) if o is optimizer or _inner(o) is _inner(optimizer))
+        stats = self.clippers[index].clip_()
         self.last_stats = stats
         if self.log:
-            pl_module.log_dict(stats_dict(self.prefix, stats), on_step=True, on_epoch=False)
+            prefix = self.prefix if len(self.clippers) == 1 else f"{self.prefix}/{index}"
+            pl_module.log_dict(stats_dict(prefix, stats), on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.clipper is not None:
-            return self.clipper.state_dict()
-        return dict(self._loaded or {})
+        if self.clippers:
+            return {"clippers": [c.state_dict() for c in self.clippers]}
+        return {"clippers": list(self._loaded)} if self._loaded is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if self.clipper is not None:
-            self.clipper.load_state_dict(state_dict)
-        else:
-            self._loaded = state_dict
+        self._loaded = list(state_dict["clippers"])
+        if self.clippers and len(self._loaded) == len(self.clippers):
+            for clipper, state in zip(self.clippers, self._loaded):
+                clipper.load_state_dict(state)
+            self._loaded = None
+
+
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer behind Lightning's ``LightningOptimizer`` wrapper (or the optimizer)."""
+    return getattr(optimizer, "_optimizer", optimizer)

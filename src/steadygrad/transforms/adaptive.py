@@ -36,7 +36,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.gate import advance_, commit_select, ema_, ema_square_, select_
+from ..core.gate import advance_, clones, commit_select, ema_, ema_square_, select_
 from ..core.tensorlist import (
     Scalar,
     add_scalar_,
@@ -143,7 +143,9 @@ def rss_update(
     if gate is None:
         addcmul_(sums, grads, grads, scale * scale)
     else:
-        select_(sums, torch._foreach_addcmul(sums, grads, grads, value=scale * scale), gate)
+        new = clones(sums)
+        addcmul_(new, grads, grads, scale * scale)
+        select_(sums, new, gate)
     den = _denominator(sums, eps, eps_in_sqrt, scratch)
     if not isinstance(lr_decay, Tensor) and lr_decay == 0:
         return Quotient(grads, den, scale)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.gate import select_
+from ..core.gate import clones, select_
 from ..core.tensorlist import mul_scalar_, zeros_like
 from ..core.transform import PLAIN, Dense, EmptyState, Hyper, Transform
 from ..core.validate import check_bool, check_range
@@ -55,7 +55,8 @@ class Trace(Transform):
             mul_scalar_(buf, momentum)
             torch._foreach_add_(buf, updates)
         else:
-            new = torch._foreach_mul(buf, momentum)
+            new = clones(buf)
+            mul_scalar_(new, momentum)
             torch._foreach_add_(new, updates)
             select_(buf, new, ctx.gate)
         return buf, momentum
