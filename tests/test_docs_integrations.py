@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import re
-import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
+
+from ._distributed import needs_gloo, run_on_ranks
 
 DOC = Path(__file__).parent.parent / "docs" / "integrations.md"
 
@@ -100,68 +96,39 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 
 
-def _worker(rank, tmp_dir):
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{tmp_dir}/rendezvous",
-            rank=rank,
-            world_size=2,
-            timeout=datetime.timedelta(seconds=30),
-        )
-        try:
-            torch.set_num_threads(1)
-            namespace: dict = {}
-            exec(compile(recipe("distributed"), "integrations.md", "exec"), namespace)
-            batches = _batches(4)
-            ddp = namespace["train_ddp"](_model(), batches)
-            assert all(torch.isfinite(p).all() for p in ddp.parameters())
+def _check(rank, tmp_dir):
+    namespace: dict = {}
+    exec(compile(recipe("distributed"), "integrations.md", "exec"), namespace)
+    batches = _batches(4)
+    ddp = namespace["train_ddp"](_model(), batches)
+    assert all(torch.isfinite(p).all() for p in ddp.parameters())
 
-            model, opt = namespace["train_fsdp2"](_model(), batches[:2], f"{tmp_dir}/dcp")
-            for x, y in batches[2:]:  # the run that never stopped
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x), y).backward()
-                opt.step()
-            fresh = _model()
-            for layer in fresh:
-                if isinstance(layer, torch.nn.Linear):
-                    namespace["fully_shard"](layer)
-            namespace["fully_shard"](fresh)
-            fresh_opt = namespace["sg"].optim.AdamW(
-                fresh.parameters(),
-                lr=1e-3,
-                clip=namespace["sg"].clip_by_norm(1.0),
-                moment_clip=5.0,
-                nonfinite="skip",
-            )
-            namespace["resume_fsdp2"](fresh, fresh_opt, f"{tmp_dir}/dcp")
-            for x, y in batches[2:]:
-                fresh_opt.zero_grad()
-                torch.nn.functional.mse_loss(fresh(x), y).backward()
-                fresh_opt.step()
-            for a, b in zip(fresh.parameters(), model.parameters()):
-                assert torch.equal(a.full_tensor(), b.full_tensor())
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(f"{tmp_dir}/rank{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    model, opt = namespace["train_fsdp2"](_model(), batches[:2], f"{tmp_dir}/dcp")
+    for x, y in batches[2:]:  # the run that never stopped
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    fresh = _model()
+    for layer in fresh:
+        if isinstance(layer, torch.nn.Linear):
+            namespace["fully_shard"](layer)
+    namespace["fully_shard"](fresh)
+    fresh_opt = namespace["sg"].optim.AdamW(
+        fresh.parameters(),
+        lr=1e-3,
+        clip=namespace["sg"].clip_by_norm(1.0),
+        moment_clip=5.0,
+        nonfinite="skip",
+    )
+    namespace["resume_fsdp2"](fresh, fresh_opt, f"{tmp_dir}/dcp")
+    for x, y in batches[2:]:
+        fresh_opt.zero_grad()
+        torch.nn.functional.mse_loss(fresh(x), y).backward()
+        fresh_opt.step()
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(a.full_tensor(), b.full_tensor())
 
 
+@needs_gloo
 def test_distributed_recipe_on_two_ranks(tmp_path):
-    context = mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail("the ranks did not finish in 120 s")
-    except ProcessException:
-        errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2) if (tmp_path / f"rank{r}.err").exists()]
-        pytest.fail("\n".join(errors))
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+    run_on_ranks(tmp_path, _check)

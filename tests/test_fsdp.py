@@ -11,27 +11,20 @@ fast (30 s collective timeout) and the parent kills what is left at its deadline
 
 from __future__ import annotations
 
-import datetime
 import math
-import time
-import traceback
 import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 
 import steadygrad as sg
 
-WORLD_SIZE = 2
+from ._distributed import needs_gloo, run_on_ranks
+
 STEPS = 4
 RTOL = ATOL = 1e-5
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = needs_gloo
 
 OPTIMIZERS = {
     "adam": lambda ps, **kw: sg.optim.Adam(ps, lr=0.01, **kw),
@@ -246,48 +239,14 @@ def _check_zero():
         assert len(state["state"]) == len(list(model.parameters()))
 
 
-def _worker(rank, tmp_dir):
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{tmp_dir}/rendezvous",
-            rank=rank,
-            world_size=WORLD_SIZE,
-            timeout=datetime.timedelta(seconds=30),
-        )
-        try:
-            torch.set_num_threads(1)
-            _check_optimizers()
-            _check_skip_on_one_rank()
-            _check_fused_falls_back()
-            _check_clippers()
-            _check_dcp(tmp_dir)
-            _check_zero()
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(f"{tmp_dir}/rank{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _check(rank, tmp_dir):
+    _check_optimizers()
+    _check_skip_on_one_rank()
+    _check_fused_falls_back()
+    _check_clippers()
+    _check_dcp(tmp_dir)
+    _check_zero()
 
 
 def test_fsdp2_dcp_and_zero_two_ranks(tmp_path):
-    context = mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail("the ranks did not finish in 240 s")
-    except ProcessException:
-        errors = [
-            f"--- rank {r} ---\n{(tmp_path / f'rank{r}.err').read_text()}"
-            for r in range(WORLD_SIZE)
-            if (tmp_path / f"rank{r}.err").exists()
-        ]
-        pytest.fail("\n".join(errors))
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+    run_on_ranks(tmp_path, _check, seconds=240)

@@ -7,25 +7,19 @@ deadline, so a broken collective cannot hang the suite.
 
 from __future__ import annotations
 
-import datetime
 import math
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
+
+from ._distributed import WORLD_SIZE, needs_gloo, run_on_ranks
 
 INF = math.inf
-WORLD_SIZE = 2
 SHAPES = [(4, 3), (7,), (0,), (2, 2, 3), (5,), (1,)]
 OWNER = [0, 1, 1, 0, 1, 0]  # which rank holds which parameter
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = needs_gloo
 
 
 def _full_params(seed=0, scale=10.0):
@@ -199,45 +193,10 @@ def _check_dtensor(rank):
         raise AssertionError("a Partial DTensor must be refused")
 
 
-def _worker(rank, tmp_dir):
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{tmp_dir}/rendezvous",
-            rank=rank,
-            world_size=WORLD_SIZE,
-            timeout=datetime.timedelta(seconds=30),
-        )
-        try:
-            torch.set_num_threads(1)
-            _check_process_group(rank)
-            _check_dtensor(rank)
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        # torch reports one rank's error; keep every rank's for the parent's message
-        with open(f"{tmp_dir}/rank{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _check(rank, tmp_dir):
+    _check_process_group(rank)
+    _check_dtensor(rank)
 
 
 def test_global_norms_two_ranks(tmp_path):
-    context = mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + 90
-    try:
-        while not context.join(timeout=0.5):  # raises ProcessRaisedException if a rank failed
-            if time.monotonic() > deadline:
-                pytest.fail("the ranks did not finish in 90 s")
-    except ProcessException:
-        errors = [
-            f"--- rank {r} ---\n{(tmp_path / f'rank{r}.err').read_text()}"
-            for r in range(WORLD_SIZE)
-            if (tmp_path / f"rank{r}.err").exists()
-        ]
-        pytest.fail("\n".join(errors))
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+    run_on_ranks(tmp_path, _check, seconds=90)
