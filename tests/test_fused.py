@@ -136,12 +136,11 @@ def test_gradients_set_to_none_by_the_model_are_adopted(eager_fused):
     for step in range(6):
         for params, opt in ((ref_params, ref), (fused_params, fused)):
             for p in params:
-                # as torch.nn.Module.zero_grad() does; the reference gets zeros instead, which is
-                # what the fused path makes of a missing gradient
-                p.grad = None if opt is fused else torch.zeros_like(p)
-            loss = loss_fn(params[:6], step) + (params[6].double() ** 2).sum() * 0.3 + params[7] ** 2
+                p.grad = None  # as torch.nn.Module.zero_grad() does
+            loss = loss_fn(params[:6], step, all_grads=True) + (params[6].double() ** 2).sum() * 0.3 + params[7] ** 2
             loss.backward()
-            opt.step()
+            with _no_fallback():
+                opt.step()
     # float32 as in test_fused_equals_the_reference: whether an element takes a vectorised (FMA)
     # path depends on its buffer, so the 7-element vector may differ in the last bit (with some
     # random draws, i.e. depending on the tests run before)
@@ -309,3 +308,77 @@ def test_many_fused_optimizers_in_one_process_each_compile(monkeypatch):
             opt.step()
             opt.step()
             assert opt._fused.disabled is None
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adagrad", "RMSprop"])
+def test_parameters_without_a_gradient_are_not_stepped(name):
+    """torch's semantics on the inductor path: random per-step subsets of parameters without a
+    gradient are not stepped (value, state, step count), as by the reference path and torch."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(6, 3), (3,), (4, 2), ()]
+    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    runs = {}
+    for kind in ("torch", "reference", "fused"):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        make = getattr(torch.optim if kind == "torch" else sg.optim, name)
+        opt = make(params, lr=0.05, **({"fused": True} if kind == "fused" else {}))
+        rng = torch.Generator().manual_seed(3)
+        warned = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(8):
+                present = torch.rand(len(params), generator=rng) > (0.0 if step < 2 else 0.4)
+                for p, keep in zip(params, present):
+                    p.grad = torch.randn(p.shape, generator=rng, dtype=torch.float64) if keep else None
+                opt.step()
+            warned = [str(w.message) for w in caught]
+        runs[kind] = (params, opt, warned)
+    for kind in ("reference", "fused"):
+        params, opt, _ = runs[kind]
+        for p, q, (tp, topt) in zip(params, runs["torch"][0], [(q, runs["torch"][1]) for q in runs["torch"][0]]):
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+            assert opt.state[p]["step"].item() == topt.state[tp]["step"].item()
+    # the fused path ran the first steps and handed over once the step counts parted, with a warning
+    assert any("different numbers of steps" in w for w in runs["fused"][2])
+
+
+def test_replaced_parameter_data_is_adopted(eager_fused):
+    """p.data = ... and vector_to_parameters after fused steps: the new values are stepped (the
+    buffers are laid out again), as by the reference path."""
+    ref_params = real_params()
+    fused_params = clone_params(ref_params)
+    ref, fused = sg.optim.Adam(ref_params, lr=0.05), sg.optim.Adam(fused_params, lr=0.05, fused=True)
+    for step in range(6):
+        if step == 2:
+            for params in (ref_params, fused_params):
+                with torch.no_grad():
+                    params[0].data = params[0].data * 2
+        if step == 4:
+            for params in (ref_params, fused_params):
+                vec = torch.nn.utils.parameters_to_vector(params[:2]) + 1
+                torch.nn.utils.vector_to_parameters(vec, params[:2])
+        step_all(ref_params, ref, step)
+        with _no_fallback():
+            step_all(fused_params, fused, step)
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14, rtol32=1e-6)
+
+
+def test_a_group_mixing_dtypes_with_a_scalar_parameter(eager_fused):
+    """bfloat16 weights and a float32 0-d gain in one group (two flat buffers): the gain's counter
+    is told from its per-element state, and both equal the reference."""
+
+    def make_params():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(5, 4).bfloat16()), torch.nn.Parameter(torch.tensor(0.7))]
+
+    ref_params, fused_params = make_params(), make_params()
+    ref, fused = sg.optim.Adam(ref_params, lr=0.05), sg.optim.Adam(fused_params, lr=0.05, fused=True)
+    for step in range(4):
+        for params, opt in ((ref_params, ref), (fused_params, fused)):
+            opt.zero_grad(set_to_none=False)
+            (params[0].float().sum() * params[1] * (step + 1)).backward()
+            with _no_fallback():
+                opt.step()
+    for a, b in zip(fused_params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    assert fused.state[fused_params[1]]["step"].item() == 4.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import operator
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -69,6 +70,7 @@ class FlatGroup:
     param_buf: Tensor
     grad_buf: Tensor
     grad_views: list[Tensor]
+    data_ptrs: list[int] = field(default_factory=list)  # of the parameter views, for holds_data
     full: dict[str, Tensor] = field(default_factory=dict)  # key -> buffer like param_buf
     scalar: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per parameter
     counters: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per class
@@ -76,10 +78,17 @@ class FlatGroup:
     # ---- building ------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, params: Sequence[Tensor], store: MutableMapping, keys: Sequence[str]) -> FlatGroup | str:
+    def build(
+        cls,
+        params: Sequence[Tensor],
+        store: MutableMapping,
+        keys: Sequence[str],
+        counters: frozenset[str] = frozenset(),
+    ) -> FlatGroup | str:
         """Moves ``params`` (one device and dtype, each eligible) and their state entries
-        ``store[p][key]`` for ``keys`` into flat buffers. Returns the group, or the reason why it
-        cannot be built (then nothing has been changed)."""
+        ``store[p][key]`` for ``keys`` into flat buffers; the keys in ``counters`` hold one number
+        per parameter (also for a 0-d parameter, whose per-element state is 0-d too). Returns the
+        group, or the reason why it cannot be built (then nothing has been changed)."""
         params = sorted(params, key=_row_length)  # stable: equal row lengths keep their order
         device, dtype = params[0].device, params[0].dtype
         offsets, classes, total = [], [], 0
@@ -94,7 +103,11 @@ class FlatGroup:
         kinds: dict[str, str] = {}
         for key in keys:
             values = [store[p][key] for p in params]
-            if all(v.shape == p.shape for v, p in zip(values, params)) and len({v.dtype for v in values}) == 1:
+            if (
+                key not in counters
+                and all(v.shape == p.shape for v, p in zip(values, params))
+                and len({v.dtype for v in values}) == 1
+            ):
                 kinds[key] = "full"
             elif all(v.dim() == 0 for v in values) and len({(v.dtype, v.device) for v in values}) == 1:
                 if len({float(v) for v in values}) != 1:  # host read, once, when the group is built
@@ -115,6 +128,7 @@ class FlatGroup:
             for p, view in zip(params, group.views(group.param_buf)):
                 view.copy_(p)
                 p.data = view
+            group.data_ptrs = list(map(Tensor.data_ptr, params))
             for p, view in zip(params, group.views(group.grad_buf)):
                 if p.grad is not None:
                     view.copy_(p.grad)
@@ -165,12 +179,24 @@ class FlatGroup:
 
     # ---- per step ------------------------------------------------------------------------------
 
-    def holds(self, params: Sequence[Tensor]) -> bool:
-        """Whether these are exactly the group's parameters and still views into its buffer."""
-        if len(params) != len(self.params) or {id(p) for p in params} != {id(p) for p in self.params}:
-            return False
-        base = self.param_buf.untyped_storage().data_ptr()
-        return all(p.untyped_storage().data_ptr() == base for p in self.params)
+    def holds_data(self) -> bool:
+        """Whether every parameter is still its view into the buffer (``p.data = ...``,
+        ``vector_to_parameters`` or ``module.to(...)`` replace it). A C-level comparison."""
+        return list(map(Tensor.data_ptr, self.params)) == self.data_ptrs
+
+    def missing_gradients(self) -> bool:
+        """Whether a parameter has no gradient (``.grad is None``): it must not be stepped."""
+        return any(map(operator.is_, map(_GRAD, self.params), repeat(None)))
+
+    def sync_counters(self) -> bool:
+        """After steps that did not advance every parameter (the reference path stepped those
+        with a gradient): the class counters again from the per-parameter ones if these still
+        agree (``True``), else ``False``. Reads them on the host."""
+        for key, buf in self.scalar.items():
+            if not bool((buf == buf[:1]).all()):
+                return False
+            self.counters[key].copy_(buf[:1].expand_as(self.counters[key]))
+        return True
 
     def adopt_gradients(self) -> None:
         """Brings gradients that were replaced (``zero_grad(set_to_none=True)`` of a module, a

@@ -23,12 +23,13 @@ on the buffer's unit-class views.
   buffers (still a handful of large foreach operations instead of several per parameter), with a
   warning; ``STEADYGRAD_COMPILE=0`` selects that directly, and ``STEADYGRAD_COMPILE_BACKEND``
   picks another ``torch.compile`` backend.
-* Semantics that differ from the reference path: a parameter that took part in the first fused
-  step is a view into the flat buffer from then on, and so is its gradient; ``zero_grad()``
-  zeroes the buffer instead of setting gradients to ``None``, so such a parameter is stepped at
-  every step (with a zero gradient where backward did not reach it), as torch does after
-  ``zero_grad(set_to_none=False)``. A gradient replaced by a new tensor (a module's own
-  ``zero_grad()``) is copied back into the buffer at the next step.
+* torch's semantics: a parameter that took part in the first fused step is a view into the
+  flat buffer from then on, and so is its gradient; ``zero_grad()`` zeroes the buffer instead of
+  setting gradients to ``None``. A gradient replaced by a new tensor (a module's own
+  ``zero_grad()``) is copied back into the buffer at the next step. A parameter without a
+  gradient is not stepped: that step takes the reference path on the same views, and the fused
+  path goes on only while the parameters' step counts still agree. Replaced parameter data
+  (``p.data = ...``) lays the buffers out again from the new values.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class FusedExecutor:
         self._warned: set[str] = set()
         self._program_key: Any = None
         self._layout: Any = None
+        self._diverged = False  # a reference-path step may have advanced some counters only
 
     def __deepcopy__(self, memo: dict) -> FusedExecutor:
         return FusedExecutor()
@@ -185,12 +187,13 @@ class FusedExecutor:
             hyper = self._hyper(group, tensors, params[0].device)
             self._refresh(group, tensors)
             keys = self._keys(program, index, param_groups, params, store)
+            counters = _counter_keys(program, index)
             flats = []
             by_dtype: dict[torch.dtype, list[Tensor]] = {}
             for p in params:
                 by_dtype.setdefault(p.dtype, []).append(p)
             for dtype_params in by_dtype.values():
-                flat = FlatGroup.build(dtype_params, store, keys)
+                flat = FlatGroup.build(dtype_params, store, keys, counters)
                 if isinstance(flat, str):
                     return flat
                 flats.append(flat)
@@ -265,8 +268,26 @@ class FusedExecutor:
             if reason:
                 return self._give_up(reason)
         assert self.groups is not None
-        # A flat parameter without a gradient counts as a zero gradient (adopt_gradients). A
-        # parameter outside the flat buffers that now has a gradient changes the layout: it is
+        if not all(f.holds_data() for g in self.groups for f in g.flats):
+            # A parameter's data was replaced: the buffers are laid out again from the tensors
+            # as they are now (the new values, the state entries still in the old buffers).
+            self.invalidate()
+            reason = self._build(program, param_groups, store)
+            if reason:
+                return self._give_up(reason)
+        flats = [f for g in self.groups for f in g.flats]
+        if any(f.missing_gradients() for f in flats):
+            # torch's semantics: a parameter without a gradient is not stepped. This step takes
+            # the reference path (on the same views); the counters are checked before the next.
+            self._diverged = True
+            return False
+        if self._diverged:
+            if not all(f.sync_counters() for f in flats):
+                return self._give_up(
+                    "the parameters have taken different numbers of steps (some had no gradient at a step)"
+                )
+            self._diverged = False
+        # A parameter outside the flat buffers that now has a gradient changes the layout: it is
         # stepped by the reference path, and since the parameters then no longer step together,
         # the fused path stays off.
         if any(p.grad is not None for p in self._outside):
@@ -343,6 +364,21 @@ def _describe(param_groups: list[dict[str, Any]], p: Tensor) -> str:
             if other is p:
                 return f"parameter {p_index} of param group {g_index} (shape {tuple(p.shape)})"
     return f"a parameter of shape {tuple(p.shape)}"
+
+
+def _counter_keys(program: Any, index: int) -> frozenset[str]:
+    """The per-parameter state keys of group ``index`` that hold one number per parameter (step
+    counters) whatever the parameter's shape: what the transforms create for a 2-element
+    parameter as 0-d (a 0-d parameter's counters cannot be told from its per-element state)."""
+    probe = [torch.empty(2, device="meta")]
+    layouts = [program.groups[index].layout] + ([program.clip_layout] if program.clip_layout is not None else [])
+    out = set()
+    for layout in layouts:
+        leaves = [leaf for _, leaf in state_leaves(layout.transform.init(probe))]
+        for k in layout.per_param:
+            if getattr(leaves[k.leaf], k.field)[0].dim() == 0:
+                out.add(k.key)
+    return frozenset(out)
 
 
 def _layout(program: Any) -> tuple:
