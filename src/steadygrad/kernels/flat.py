@@ -185,7 +185,10 @@ class FlatGroup:
         return list(map(Tensor.data_ptr, self.params)) == self.data_ptrs
 
     def missing_gradients(self) -> bool:
-        """Whether a parameter has no gradient (``.grad is None``): it must not be stepped."""
+        """Whether a parameter has no gradient (``.grad is None``): it must not be stepped. The
+        usual case, every ``.grad`` still its view into the buffer, is one C-level check."""
+        if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
+            return False
         return any(map(operator.is_, map(_GRAD, self.params), repeat(None)))
 
     def sync_counters(self) -> bool:
