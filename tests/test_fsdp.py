@@ -32,6 +32,16 @@ OPTIMIZERS = {
     "rmsprop-centered-momentum": lambda ps, **kw: sg.optim.RMSprop(ps, lr=0.01, centered=True, momentum=0.9, **kw),
     "rmsprop-moment_clip": lambda ps, **kw: sg.optim.RMSprop(ps, lr=0.01, moment_clip=2.0, weight_decay=0.1, **kw),
     "adagrad": lambda ps, **kw: sg.optim.Adagrad(ps, lr=0.05, lr_decay=0.01, **kw),
+    "adam-maximize-eps_in_sqrt-wd": lambda ps, **kw: sg.optim.Adam(
+        ps, lr=0.01, maximize=True, eps_in_sqrt=True, weight_decay=0.1, **kw
+    ),
+    "rmsprop-eps_in_sqrt": lambda ps, **kw: sg.optim.RMSprop(ps, lr=0.01, eps_in_sqrt=True, **kw),
+    "adagrad-initial-wd": lambda ps, **kw: sg.optim.Adagrad(
+        ps, lr=0.05, initial_accumulator_value=0.1, weight_decay=0.1, **kw
+    ),
+    "transformed-chain": lambda ps, **kw: sg.optim.Transformed(
+        ps, sg.chain(sg.scale_by_adam(), sg.trace(0.5), sg.scale_by_lr()), lr=0.01, **kw
+    ),
 }
 CLIPS = {
     "none": lambda: None,
@@ -122,6 +132,16 @@ def _check_skip_on_one_rank():
         _train(dirty, opt, _batches(nan_at=2, nan_rank=1))
         for a, b in zip(_full(dirty.parameters()), _full(clean.parameters())):
             assert torch.equal(a, b)
+    model = _shard(_model())
+    clipper = sg.Clipper(model.parameters(), sg.zclip(), nonfinite="raise")
+    x, y = _batches(nan_at=0, nan_rank=1)[0]
+    _loss(model, x, y).backward()
+    try:
+        clipper.clip_()
+    except RuntimeError as error:
+        assert "non-finite gradient" in str(error)
+    else:
+        raise AssertionError("Clipper(nonfinite='raise') did not raise on every rank")
     model = _shard(_model())
     opt = sg.optim.Adam(model.parameters(), nonfinite="raise")
     x, y = _batches(nan_at=0, nan_rank=0)[0]
