@@ -382,3 +382,28 @@ def test_a_group_mixing_dtypes_with_a_scalar_parameter(eager_fused):
     for a, b in zip(fused_params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
     assert fused.state[fused_params[1]]["step"].item() == 4.0
+
+
+def test_unbounded_autoclip_compiles_a_handful_of_times():
+    """AutoClip's unbounded history doubles outside the compiled step (Transform.reserve): 150
+    steps compile for 64, 128 and 256 slots, not once a step, and equal the reference path."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(10)) for _ in range(3)]
+        opt = sg.optim.Adam(params, lr=0.01, clip=sg.autoclip(), fused=fused)
+        counters.clear()
+        for step in range(150):
+            g = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(10, generator=g)
+            with _no_fallback():
+                opt.step()
+        runs[fused] = (params, opt, counters["stats"]["unique_graphs"])
+    (fp, fopt, graphs), (rp, ropt, _) = runs[True], runs[False]
+    assert graphs == 3 and fopt._fused.disabled is None
+    assert fopt.shared_state()["clip"]["norm_history"].shape == (256,)
+    for a, b in zip(fp, rp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -332,6 +332,13 @@ class Transform:
         updates, state = self.update(updates, state, params, ctx)
         return updates, None, state
 
+    def reserve(self, state: Any) -> Any:
+        """``state`` with room for one more step: what an executor that compiles the step calls
+        first, outside compiled code (the fused one does), for state whose size must grow, which
+        compiled code cannot decide without reading a value. The state itself by default;
+        AutoClip's unbounded history doubles when full."""
+        return state
+
     def linear(self, ctx: StepContext = PLAIN) -> tuple[Any, Any] | None:
         """``(a, b)`` if this transform is ``u ← a·u + b·p`` and stateless, else ``None``."""
         return None
@@ -412,6 +419,10 @@ class Chain(Transform):
             ctx = ctx.after(given, updates, scale)
             new_state.append(s)
         return updates, ctx, new_state
+
+    def reserve(self, state):
+        self._check(state)
+        return tuple(t.reserve(s) for t, s in zip(self.transforms, state))
 
     def update(self, updates, state, params=None, ctx=PLAIN):
         self._check(state)

@@ -349,12 +349,14 @@ class FusedExecutor:
             params.append([v for f in g.flats for v in f.class_views(f.param_buf, structure)])
             grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, structure)])
             shared = Replicated(store, param_groups[g.index]["params"])
-            states.append(_gather_flat(layout, g.flats, shared, structure))
+            state = _gather_flat(layout, g.flats, shared, structure)
+            states.append(layout.transform.reserve(state))  # room for this step, outside compiled code
         clip_state = None
         if program.clip_layout is not None:
             flats = [f for g in self.groups for f in g.flats]
             members = [p for group in param_groups for p in group["params"]]
             clip_state = _gather_flat(program.clip_layout, flats, Replicated(store, members), structure)
+            clip_state = program.clip.reserve(clip_state)
         return params, grads, states, clip_state
 
 

@@ -15,8 +15,9 @@ No host sync
     The whole update is tensor arithmetic: no ``.item()``, no Python branch on a tensor value, so
     it runs under ``torch.compile(fullgraph=True)``: ZClip and bounded AutoClip. The unbounded
     AutoClip history reads its count on the host (free for CPU state, a device sync on an
-    accelerator) to double its buffer when full; compiled, where it cannot read, it grows by one
-    slot per call (a new shape each step).
+    accelerator) to double its buffer when full. Compiled code cannot read it: there the caller
+    makes room first, outside the compiled step (``AutoClip.reserve``; the fused executor does),
+    so the compiled step sees a new shape only when the buffer doubles.
 
 State
     Named tuples of single tensors shared by all parameters (see :mod:`steadygrad.core.transform`);
@@ -126,6 +127,15 @@ def _percentile_sorted(values: Tensor, k: Tensor, q: Scalar) -> Tensor:
     return torch.where(k > 0, value, torch.full_like(value, math.inf))
 
 
+def _reserved(buf: Tensor, count: Tensor) -> Tensor:
+    """The unbounded history with room for one more norm: doubled (from 64 slots) when the
+    committed norms fill it. Reads ``count`` on the host (free for CPU state)."""
+    if int(count) < buf.shape[0]:
+        return buf
+    grow = max(_MIN_CAPACITY, buf.shape[0])
+    return torch.cat([buf, torch.full((grow,), math.inf, dtype=buf.dtype, device=buf.device)])
+
+
 def autoclip_update(
     updates: list[Tensor],
     state: AutoClipState,
@@ -158,12 +168,10 @@ def autoclip_update(
     buf = state.norm_history.to(device=device, dtype=dtype)
     admit = admits(n, gate)
     if history is None:
-        if torch.compiler.is_compiling():  # no host read: one more slot per call
-            grow = 1
-        else:  # the documented host read: geometric growth when the committed norms fill it
-            grow = max(_MIN_CAPACITY, buf.shape[0]) if int(count) >= buf.shape[0] else 0
-        if grow:
-            buf = torch.cat([buf, torch.full((grow,), math.inf, dtype=dtype, device=device)])
+        if not torch.compiler.is_compiling():
+            buf = _reserved(buf, count)
+        elif buf.shape[0] == 0:  # compiled, a fresh state gets its first slots (a known shape)
+            buf = torch.full((_MIN_CAPACITY,), math.inf, dtype=dtype, device=device)
         index = count
     else:
         index = torch.remainder(count, history)
@@ -213,6 +221,13 @@ class AutoClip(Transform):
             threshold=torch.full((), math.inf, dtype=dtype, device=device),
             fraction_clipped=new_fraction(params),
         )
+
+    def reserve(self, state: AutoClipState) -> AutoClipState:
+        """The unbounded history doubled when full (outside compiled code: the fused executor
+        calls this before each step, so that the compiled step never changes its shape)."""
+        if self.history is not None:
+            return state
+        return state._replace(norm_history=_reserved(state.norm_history, state.num_norms))
 
     def update(self, updates, state, params=None, ctx=PLAIN):
         if self.history is not None and state.norm_history.shape != (self.history,):
