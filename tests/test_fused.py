@@ -402,7 +402,7 @@ def test_unbounded_autoclip_compiles_a_handful_of_times():
             with _no_fallback():
                 opt.step()
         runs[fused] = (params, opt, counters["stats"]["unique_graphs"])
-    (fp, fopt, graphs), (rp, ropt, _) = runs[True], runs[False]
+    (fp, fopt, graphs), (rp, _, _) = runs[True], runs[False]
     assert graphs == 3 and fopt._fused.disabled is None
     assert fopt.shared_state()["clip"]["norm_history"].shape == (256,)
     for a, b in zip(fp, rp):
