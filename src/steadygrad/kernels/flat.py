@@ -184,11 +184,13 @@ class FlatGroup:
         ``vector_to_parameters`` or ``module.to(...)`` replace it). A C-level comparison."""
         return list(map(Tensor.data_ptr, self.params)) == self.data_ptrs
 
+    def gradients_in_place(self) -> bool:
+        """Whether every ``.grad`` is still its view into the buffer (the usual case; one C-level
+        check). If not, see :meth:`missing_gradients` and :meth:`adopt_gradients`."""
+        return all(map(operator.is_, map(_GRAD, self.params), self.grad_views))
+
     def missing_gradients(self) -> bool:
-        """Whether a parameter has no gradient (``.grad is None``): it must not be stepped. The
-        usual case, every ``.grad`` still its view into the buffer, is one C-level check."""
-        if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
-            return False
+        """Whether a parameter has no gradient (``.grad is None``): it must not be stepped."""
         return any(map(operator.is_, map(_GRAD, self.params), repeat(None)))
 
     def sync_counters(self) -> bool:
@@ -204,8 +206,6 @@ class FlatGroup:
     def adopt_gradients(self) -> None:
         """Brings gradients that were replaced (``zero_grad(set_to_none=True)`` of a module, a
         hook assigning ``.grad``) back into the buffer and re-points ``.grad`` at it."""
-        if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):
-            return  # the usual case, checked without a Python loop
         for p, view in zip(self.params, self.grad_views):
             grad = p.grad
             if grad is not view:

@@ -276,7 +276,8 @@ class FusedExecutor:
             if reason:
                 return self._give_up(reason)
         flats = [f for g in self.groups for f in g.flats]
-        if any(f.missing_gradients() for f in flats):
+        replaced = [f for f in flats if not f.gradients_in_place()]
+        if any(f.missing_gradients() for f in replaced):
             # torch's semantics: a parameter without a gradient is not stepped. This step takes
             # the reference path (on the same views); the counters are checked before the next.
             self._diverged = True
@@ -298,8 +299,8 @@ class FusedExecutor:
 
         for g in self.groups:
             self._refresh(param_groups[g.index], g.tensors)
-            for flat in g.flats:
-                flat.adopt_gradients()
+        for flat in replaced:
+            flat.adopt_gradients()
         if program.nonfinite == "raise":
             flat_params = [p for g in self.groups for f in g.flats for p in f.params]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
