@@ -122,3 +122,60 @@ def test_torch_would_have_accepted_and_diverged():
     (q[0] ** 2).backward()
     opt.step()
     assert torch.isnan(q).any()
+
+
+def _stepped(make, shape=(3, 2)):
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = make([p])
+    p.grad = torch.ones(shape)
+    opt.step()
+    return opt
+
+
+FOREIGN = {
+    "other-shapes": (
+        lambda ps: sg.optim.Adam(ps, clip=sg.zclip(warmup_steps=3)),
+        (2, 3),
+        r"'exp_avg' for parameter 0 of param group 0 \(shape \(2, 3\)\) has shape \(3, 2\), "
+        r"this optimizer's has \(2, 3\)",
+    ),
+    "other-optimizer": (lambda ps: sg.optim.RMSprop(ps), (3, 2), "does not describe a RMSprop group"),
+    "other-clip-rule": (
+        lambda ps: sg.optim.Adam(ps, clip=sg.autoclip()),
+        (3, 2),
+        r"the key 'clip.warmup_norms' .* which Adam \(clip=AutoClip\) does not use",
+    ),
+    "other-clip-setting": (
+        lambda ps: sg.optim.Adam(ps, clip=sg.zclip(warmup_steps=5)),
+        (3, 2),
+        r"'clip.warmup_norms' .* has shape \(3,\), this optimizer's has \(5,\): a checkpoint of other settings",
+    ),
+    "no-clip": (lambda ps: sg.optim.Adam(ps), (3, 2), r"the key 'clip.num_norms' .* which Adam \(no clip=\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_load_state_dict_refuses_foreign_state_and_loads_nothing(case):
+    """torch loads any state of the right length and fails (or computes nonsense) later;
+    steadygrad names the parameter, the key and the shapes, and changes nothing."""
+    make_target, shape, message = FOREIGN[case]
+    saved = _stepped(lambda ps: sg.optim.Adam(ps, clip=sg.zclip(warmup_steps=3))).state_dict()
+    target = _stepped(make_target, shape)
+    before = {k: v.clone() for k, v in target.state[target.param_groups[0]["params"][0]].items()}
+    groups = [dict(g) for g in target.param_groups]
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(saved)
+    after = target.state[target.param_groups[0]["params"][0]]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [dict(g) for g in target.param_groups] == groups
+
+
+def test_load_state_dict_takes_torchs_checkpoints_and_its_own():
+    torch_opt = torch.optim.Adam([torch.nn.Parameter(torch.randn(3, 2))], amsgrad=True)
+    torch_opt.param_groups[0]["params"][0].grad = torch.ones(3, 2)
+    torch_opt.step()
+    mine = _stepped(lambda ps: sg.optim.Adam(ps))
+    mine.load_state_dict(torch_opt.state_dict())  # amsgrad's max_exp_avg_sq comes with its option
+    assert "max_exp_avg_sq" in mine.state[mine.param_groups[0]["params"][0]]
+    again = _stepped(lambda ps: sg.optim.Adam(ps, clip=sg.autoclip(), moment_clip=2.0))
+    again.load_state_dict(again.state_dict())

@@ -34,12 +34,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..core.params import check_ordered
-from ..core.state import Replicated
-from ..core.transform import Hyper, Transform
+from ..core.state import Replicated, state_keys
+from ..core.transform import Hyper, Transform, state_leaves
 from ..core.validate import Range, check_group, check_range
 from ..core.workspace import Workspace
 from ..kernels.fused import FusedExecutor
-from .program import NONFINITE, StepProgram, structure_key
+from .program import CLIP_NAMESPACE, GROUP_NAMESPACE, NONFINITE, StepProgram, structure_key
 
 __all__ = ["Transformed", "TransformOptimizer", "hyper_or_zero"]
 
@@ -226,7 +226,14 @@ class TransformOptimizer(Optimizer):
         parameter (or its int64 counters) to 16 bits, and it unshares replicated state. Those
         entries are cast again, from the saved values, to the dtype the transforms create, and
         each shared value becomes one tensor again.
+
+        Stricter than torch, which loads anything of the right length and fails (or silently
+        computes nonsense) at a later step: every saved state entry must be one this optimizer
+        uses for that parameter (with the checkpoint's options and this ``clip=``), of the shape
+        it has here. Otherwise ``ValueError`` names the parameter, the key and both shapes (or the
+        foreign key: the state of another optimizer or clipping rule), and nothing is loaded.
         """
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         self._invalidate()
         program = self.program()
@@ -239,6 +246,50 @@ class TransformOptimizer(Optimizer):
             all_saved += values
         if program.clip_layout is not None:
             program.clip_layout.restore(self.state, all_params, all_saved, Replicated(self.state, all_params))
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """See :meth:`load_state_dict`. Sizes of groups are torch's to check (its messages)."""
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            return  # torch's own load_state_dict reports a malformed state_dict
+        if len(saved_groups) != len(self.param_groups):
+            return
+        if any(len(s.get("params", ())) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            return
+        name = type(self).__name__
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            merged = {**saved, "params": group["params"]}
+            try:
+                transform = self.build_transform(merged)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(
+                    f"param group {gi} of the state_dict does not describe a {name} group ({error!r}): "
+                    "a checkpoint of another optimizer?"
+                ) from None
+            for pi, (index, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = saved_state.get(index)
+                if not entry:
+                    continue
+                expected = _template_shapes(transform, p)
+                if self.clip is not None:
+                    expected.update(_template_shapes(self.clip, p, CLIP_NAMESPACE))
+                for key, value in entry.items():
+                    where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+                    if key not in expected:
+                        raise ValueError(
+                            f"the state_dict has the key {key!r} for {where}, which {name} "
+                            f"({'clip=' + type(self.clip).__name__ if self.clip is not None else 'no clip='}) "
+                            f"does not use (it uses {sorted(expected)}): the state of another optimizer or "
+                            "clipping rule? Nothing was loaded."
+                        )
+                    want = expected[key]
+                    if isinstance(value, Tensor) and want is not None and tuple(value.shape) != want:
+                        if not (want == () and value.numel() == 1):
+                            hint = "other parameters" if want == tuple(p.shape) else "other settings of the rule"
+                            raise ValueError(
+                                f"the state_dict's {key!r} for {where} has shape {tuple(value.shape)}, this "
+                                f"optimizer's has {want}: a checkpoint of {hint}? Nothing was loaded."
+                            )
 
     # Attributes that are not hyperparameters but must survive copy.deepcopy and pickling, which
     # torch's __getstate__ would drop. Compiled artefacts and cached programs are rebuilt instead.
@@ -268,6 +319,20 @@ class TransformOptimizer(Optimizer):
 def _same(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:
     """Whether two snapshots ``(keys, values)`` of a param group hold the very same objects."""
     return len(a[1]) == len(b[1]) and all(map(is_, a[0], b[0])) and all(map(is_, a[1], b[1]))
+
+
+def _template_shapes(transform: Transform, p: Tensor, namespace: str = "") -> dict[str, Any]:
+    """The storage keys of ``transform``'s state for a parameter like ``p`` and the shape each
+    has (``None``: any, a buffer that grows), from ``init`` on a meta tensor. Shared state is
+    replicated under ``namespace`` (``"group."`` for a group chain's)."""
+    template = transform.init([torch.empty(p.shape, dtype=p.dtype, device="meta")])
+    leaves = [leaf for _, leaf in state_leaves(template)]
+    out: dict[str, Any] = {}
+    for k in state_keys(template, namespace, namespace or GROUP_NAMESPACE):
+        value = getattr(leaves[k.leaf], k.field)
+        shape = tuple((value[0] if k.per_param else value).shape)
+        out[k.key] = None if (not k.per_param and 0 in shape) else shape
+    return out
 
 
 def _is_default(value: Any, default: Any) -> bool:
