@@ -176,6 +176,8 @@ class FusedExecutor:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            if len({id(p) for p in params}) != len(params):
+                return "a parameter listed twice in a group"
             for p in params:
                 reason = ineligibility(p)
                 if reason:

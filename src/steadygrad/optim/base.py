@@ -81,8 +81,9 @@ class TransformOptimizer(Optimizer):
     ``add_param_group``) and whenever a structural option of a group changes (``ValueError``
     naming the option, the value and the group).
 
-    Differences from torch.optim: a parameter listed twice raises ``ValueError`` (torch warns);
-    sparse gradients raise ``RuntimeError``; ``differentiable=True`` is refused.
+    Differences from torch.optim: sparse gradients raise ``RuntimeError``; ``differentiable=True``
+    is refused. A parameter listed twice in a group gets torch's warning and is stepped twice, as by
+    torch (the numbers are each library's own); ``fused=True`` then takes the reference path.
     """
 
     HYPERPARAMETERS: ClassVar[dict[str, Any]] = {"lr": Range()}
@@ -136,13 +137,6 @@ class TransformOptimizer(Optimizer):
         else:
             check_ordered(params, type(self).__name__)
             params = list(params)
-        seen: set[int] = set()
-        for p in params:
-            if isinstance(p, tuple):  # (name, tensor) pairs
-                p = p[1]
-            if isinstance(p, Tensor) and id(p) in seen:
-                raise ValueError(f"a parameter (shape {tuple(p.shape)}) is listed twice in one parameter group")
-            seen.add(id(p))
         param_group["params"] = params
         index = len(self.param_groups)
         check_group(self.HYPERPARAMETERS, param_group, index)
