@@ -407,3 +407,36 @@ def test_unbounded_autoclip_compiles_a_handful_of_times():
     assert fopt.shared_state()["clip"]["norm_history"].shape == (256,)
     for a, b in zip(fp, rp):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_wrapped_autoclip_makes_room_too():
+    """skip_nonfinite(autoclip()) as clip=, fused: reserve() reaches the history inside the
+    wrapper, so no norm is dropped once the first 64 slots are full."""
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(10)) for _ in range(2)]
+        opt = sg.optim.Adam(params, lr=0.01, clip=sg.skip_nonfinite(sg.autoclip(50.0)), fused=fused)
+        for step in range(70):
+            g = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(10, generator=g)
+            opt.step()
+        runs[fused] = (params, opt.shared_state()["clip"])
+    (fp, fs), (rp, rs) = runs[True], runs[False]
+    assert fs["norm_history"].shape == rs["norm_history"].shape == (128,)
+    torch.testing.assert_close(fs["threshold"], rs["threshold"], rtol=1e-6, atol=0)
+    for a, b in zip(fp, rp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_autoclip_compiled_by_hand_grows_by_a_slot_per_call():
+    """Compiled outside the fused executor (nobody made room), the unbounded history still keeps
+    every norm."""
+    t = sg.autoclip()
+    params = [torch.zeros(4)]
+    state = t.init(params)
+    step = torch.compile(lambda u, s: t.update(u, s, params), fullgraph=True, backend="eager")
+    for i in range(70):
+        _, state = step([torch.full((4,), float(i + 1))], state)
+    assert int(state.num_norms) == 70 and int(torch.isfinite(state.norm_history).sum()) == 70

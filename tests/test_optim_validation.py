@@ -149,18 +149,22 @@ FOREIGN = {
         r"'exp_avg' for parameter 0 of param group 0 \(shape \(2, 3\)\) has shape \(3, 2\), "
         r"this optimizer's has \(2, 3\)",
     ),
-    "other-optimizer": (lambda ps: sg.optim.RMSprop(ps), (3, 2), "does not describe a RMSprop group"),
+    "other-optimizer": (
+        lambda ps: sg.optim.RMSprop(ps, clip=sg.zclip(warmup_steps=3)),
+        (3, 2),
+        r"has \['exp_avg', 'exp_avg_sq'\] where RMSprop \(clip=ZClip\) keeps \['square_avg'\]",
+    ),
     "other-clip-rule": (
         lambda ps: sg.optim.Adam(ps, clip=sg.autoclip()),
         (3, 2),
-        r"the key 'clip.warmup_norms' .* which Adam \(clip=AutoClip\) does not use",
+        r"has \['clip.norm_mean', 'clip.norm_var', 'clip.warmup_norms'\] where Adam \(clip=AutoClip\) keeps "
+        r"\['clip.norm_history'\]",
     ),
     "other-clip-setting": (
         lambda ps: sg.optim.Adam(ps, clip=sg.zclip(warmup_steps=5)),
         (3, 2),
         r"'clip.warmup_norms' .* has shape \(3,\), this optimizer's has \(5,\): a checkpoint of other settings",
     ),
-    "no-clip": (lambda ps: sg.optim.Adam(ps), (3, 2), r"the key 'clip.num_norms' .* which Adam \(no clip=\)"),
 }
 
 
@@ -178,6 +182,32 @@ def test_load_state_dict_refuses_foreign_state_and_loads_nothing(case):
     after = target.state[target.param_groups[0]["params"][0]]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [dict(g) for g in target.param_groups] == groups
+
+
+def test_load_state_dict_takes_old_torch_checkpoints_and_state_of_options_switched_off():
+    """A group of an older torch lacks options torch added since (Adam's decoupled_weight_decay;
+    step as a float); state of an option switched off (amsgrad, momentum, moment_clip) stays,
+    as in torch. Neither is foreign."""
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    old = torch.optim.AdamW([p])
+    p.grad = torch.ones(3, 2)
+    old.step()
+    saved = old.state_dict()
+    del saved["param_groups"][0]["decoupled_weight_decay"]
+    saved["state"][0]["step"] = float(saved["state"][0]["step"])
+    mine = _stepped(lambda ps: sg.optim.AdamW(ps))
+    mine.load_state_dict(saved)
+    assert mine.param_groups[0]["decoupled_weight_decay"] is True
+    for make, option, off in [
+        (lambda ps: sg.optim.Adam(ps, amsgrad=True), "amsgrad", False),
+        (lambda ps: sg.optim.RMSprop(ps, momentum=0.9, centered=True), "momentum", 0.0),
+        (lambda ps: sg.optim.Adam(ps, moment_clip=2.0), "moment_clip", None),
+    ]:
+        opt = _stepped(make)
+        opt.param_groups[0][option] = off
+        opt.param_groups[0]["params"][0].grad = torch.ones(3, 2)
+        opt.step()
+        opt.load_state_dict(opt.state_dict())
 
 
 def test_load_state_dict_takes_torchs_checkpoints_and_its_own():

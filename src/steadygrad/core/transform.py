@@ -136,6 +136,8 @@ class StepContext:
             given: the tensors are the local shards of DTensors (FSDP2), and a transform that needs
             a norm of whole tensors passes this to :mod:`steadygrad.core.norms`, which all-reduces
             over the mesh (:mod:`steadygrad.core.dtensor`). Element-wise transforms ignore it.
+        reserved: the caller made room for this step in state that grows (:meth:`Transform.reserve`)
+            before it: compiled code, which cannot read a size from a value, then relies on it.
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
@@ -145,6 +147,7 @@ class StepContext:
     scale: Any = None
     scratch: Any = None
     shards: Any = None
+    reserved: bool = False
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as
@@ -334,9 +337,10 @@ class Transform:
 
     def reserve(self, state: Any) -> Any:
         """``state`` with room for one more step: what an executor that compiles the step calls
-        first, outside compiled code (the fused one does), for state whose size must grow, which
-        compiled code cannot decide without reading a value. The state itself by default;
-        AutoClip's unbounded history doubles when full."""
+        first, outside compiled code (the fused one does, and then says so with
+        ``StepContext.reserved``), for state whose size must grow, which compiled code cannot
+        decide without reading a value. The state itself by default; AutoClip's unbounded history
+        doubles when full; a transform that wraps others passes the call on."""
         return state
 
     def linear(self, ctx: StepContext = PLAIN) -> tuple[Any, Any] | None:

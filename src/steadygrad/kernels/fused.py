@@ -409,11 +409,12 @@ def _step_function(program: Any, indices: list[int], hypers: list[dict[str, Any]
         if clip is not None:
             flat_params = [p for ps in params for p in ps]
             flat_updates = [u for us in updates for u in us]
-            flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, StepContext(gate=gate))
+            ctx = StepContext(gate=gate, reserved=True)  # _arguments made room (Transform.reserve)
+            flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, ctx)
             updates = split_like(flat_updates, updates)
         new_states = []
         for part, hyper, ps, us, state in zip(parts, hypers, params, updates, states):
-            new = part.transform.apply_(ps, us, state, StepContext(hyper, gate=gate))
+            new = part.transform.apply_(ps, us, state, StepContext(hyper, gate=gate, reserved=True))
             _copy_back(state, new)
             new_states.append(new)
         return new_states, clip_state

@@ -171,7 +171,6 @@ class AdamW(Adam):
             nonfinite=nonfinite,
         )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        super()._complete_group(group)
+        group["decoupled_weight_decay"] = True

@@ -222,10 +222,13 @@ class TransformOptimizer(Optimizer):
         each shared value becomes one tensor again.
 
         Stricter than torch, which loads anything of the right length and fails (or silently
-        computes nonsense) at a later step: every saved state entry must be one this optimizer
-        uses for that parameter (with the checkpoint's options and this ``clip=``), of the shape
-        it has here. Otherwise ``ValueError`` names the parameter, the key and both shapes (or the
-        foreign key: the state of another optimizer or clipping rule), and nothing is loaded.
+        computes nonsense) at a later step: every saved state entry this optimizer uses for that
+        parameter (with the checkpoint's options, completed as for an older torch's checkpoint,
+        and this ``clip=``) must have the shape it has here, and an entry that lacks keys this
+        optimizer keeps while holding others (another optimizer's, another clipping rule's) is
+        refused. Otherwise ``ValueError`` names the parameter, the key and both shapes (or the two
+        sets of keys), and nothing is loaded. Keys only in the checkpoint (state of an option
+        switched off since) are kept, as torch keeps them.
         """
         self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
@@ -241,6 +244,12 @@ class TransformOptimizer(Optimizer):
         if program.clip_layout is not None:
             program.clip_layout.restore(self.state, all_params, all_saved, Replicated(self.state, all_params))
 
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        """Fills in the options a group of an older checkpoint lacks (torch adds options over
+        versions), as ``__setstate__`` does after ``load_state_dict``."""
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """See :meth:`load_state_dict`. Sizes of groups are torch's to check (its messages)."""
         saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
@@ -253,6 +262,7 @@ class TransformOptimizer(Optimizer):
         name = type(self).__name__
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             merged = {**saved, "params": group["params"]}
+            self._complete_group(merged)
             try:
                 transform = self.build_transform(merged)
             except (KeyError, TypeError, ValueError) as error:
@@ -265,17 +275,16 @@ class TransformOptimizer(Optimizer):
                 if not entry:
                     continue
                 expected = _template_shapes(transform, p)
-                if self.clip is not None:
-                    expected.update(_template_shapes(self.clip, p, CLIP_NAMESPACE))
+                if self.clip is not None and expected is not None:
+                    clip_keys = _template_shapes(self.clip, p, CLIP_NAMESPACE)
+                    expected = None if clip_keys is None else {**expected, **clip_keys}
+                if expected is None:  # a transform whose init cannot run on a meta tensor
+                    return
+                where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+                _check_kind(entry, expected, where, name, self.clip)
                 for key, value in entry.items():
-                    where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
                     if key not in expected:
-                        raise ValueError(
-                            f"the state_dict has the key {key!r} for {where}, which {name} "
-                            f"({'clip=' + type(self.clip).__name__ if self.clip is not None else 'no clip='}) "
-                            f"does not use (it uses {sorted(expected)}): the state of another optimizer or "
-                            "clipping rule? Nothing was loaded."
-                        )
+                        continue  # state of an option switched off since: kept, as torch keeps it
                     want = expected[key]
                     if isinstance(value, Tensor) and want is not None and tuple(value.shape) != want:
                         if not (want == () and value.numel() == 1):
@@ -302,8 +311,7 @@ class TransformOptimizer(Optimizer):
         self._workspace = Workspace()
         self._fused = FusedExecutor() if self.defaults.get("fused", None) else None
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            self._complete_group(group)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
@@ -315,11 +323,35 @@ def _same(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:
     return len(a[1]) == len(b[1]) and all(map(is_, a[0], b[0])) and all(map(is_, a[1], b[1]))
 
 
-def _template_shapes(transform: Transform, p: Tensor, namespace: str = "") -> dict[str, Any]:
+def _check_kind(entry: Mapping[str, Any], expected: Mapping[str, Any], where: str, name: str, clip: Any) -> None:
+    """A saved entry from another optimizer or clipping rule: in one namespace (the optimizer's
+    keys, ``clip.``, ``group.``) it lacks keys this one uses *and* has keys this one does not. (Keys
+    it only has more of are state of an option switched off since; keys it only lacks are created
+    at the next step.)"""
+
+    def space(key: str) -> str:
+        return key.split(".", 1)[0] + "." if key.startswith((CLIP_NAMESPACE, GROUP_NAMESPACE)) else ""
+
+    for ns in {space(k) for k in entry} | {space(k) for k in expected}:
+        extra = sorted(k for k in entry if space(k) == ns and k not in expected)
+        missing = sorted(k for k in expected if space(k) == ns and k not in entry)
+        if extra and missing:
+            rule = f"clip={type(clip).__name__}" if clip is not None else "no clip="
+            raise ValueError(
+                f"the state_dict's entry for {where} has {extra} where {name} ({rule}) keeps {missing}: the state "
+                "of another optimizer or clipping rule? Nothing was loaded."
+            )
+
+
+def _template_shapes(transform: Transform, p: Tensor, namespace: str = "") -> dict[str, Any] | None:
     """The storage keys of ``transform``'s state for a parameter like ``p`` and the shape each
-    has (``None``: any, a buffer that grows), from ``init`` on a meta tensor. Shared state is
-    replicated under ``namespace`` (``"group."`` for a group chain's)."""
-    template = transform.init([torch.empty(p.shape, dtype=p.dtype, device="meta")])
+    has (``None``: any, a buffer that grows), from ``init`` on a meta tensor (``None`` when that
+    init cannot run there). Shared state is replicated under ``namespace`` (``"group."`` for a
+    group chain's)."""
+    try:
+        template = transform.init([torch.empty(p.shape, dtype=p.dtype, device="meta")])
+    except Exception:  # noqa: BLE001 - a hand-written init that reads values: nothing to check
+        return None
     leaves = [leaf for _, leaf in state_leaves(template)]
     out: dict[str, Any] = {}
     for k in state_keys(template, namespace, namespace or GROUP_NAMESPACE):

@@ -57,6 +57,10 @@ class SkipNonfinite(Transform):
         zero = torch.zeros((), dtype=torch.int64, device=device)
         return (SkipNonfiniteState(zero, zero.clone(), zero.clone()), self.inner.init(params))
 
+    def reserve(self, state):
+        own, inner_state = state
+        return (own, self.inner.reserve(inner_state))
+
     def update(self, updates, state, params=None, ctx=PLAIN):
         own, inner_state = state
         outer = ctx.gate

@@ -16,8 +16,9 @@ No host sync
     it runs under ``torch.compile(fullgraph=True)``: ZClip and bounded AutoClip. The unbounded
     AutoClip history reads its count on the host (free for CPU state, a device sync on an
     accelerator) to double its buffer when full. Compiled code cannot read it: there the caller
-    makes room first, outside the compiled step (``AutoClip.reserve``; the fused executor does),
-    so the compiled step sees a new shape only when the buffer doubles.
+    makes room first, outside the compiled step (``AutoClip.reserve``, then ``StepContext(reserved=
+    True)``; the fused executor does), so the compiled step sees a new shape only when the buffer
+    doubles; compiled without that, it grows by one slot per call.
 
 State
     Named tuples of single tensors shared by all parameters (see :mod:`steadygrad.core.transform`);
@@ -146,6 +147,7 @@ def autoclip_update(
     gate: Tensor | None = None,
     norm: Tensor | None = None,
     shards: Any = None,
+    reserved: bool = False,
 ) -> tuple[list[Tensor], AutoClipState]:
     """One AutoClip step: clips ``updates`` in place and returns them with the new state.
 
@@ -157,6 +159,8 @@ def autoclip_update(
     Args:
         history: must match the state's layout: ``None`` for a growing buffer, H for a ring
             buffer of H slots.
+        reserved: compiled, the caller has made room for this norm (:meth:`AutoClip.reserve`);
+            otherwise a compiled call grows the unbounded history by one slot.
         gate: the commit gate (``None`` = commit), as in :func:`zclip_update`.
     """
     norm = total_norm(updates, 2.0, process_group, shards=shards) if norm is None else norm
@@ -170,8 +174,8 @@ def autoclip_update(
     if history is None:
         if not torch.compiler.is_compiling():
             buf = _reserved(buf, count)
-        elif buf.shape[0] == 0:  # compiled, a fresh state gets its first slots (a known shape)
-            buf = torch.full((_MIN_CAPACITY,), math.inf, dtype=dtype, device=device)
+        elif not reserved:  # compiled, and nobody made room: one more slot per call
+            buf = torch.cat([buf, torch.full((1,), math.inf, dtype=dtype, device=device)])
         index = count
     else:
         index = torch.remainder(count, history)
@@ -244,6 +248,7 @@ class AutoClip(Transform):
             gate=ctx.gate,
             norm=ctx.norm if self.process_group is None else None,
             shards=ctx.shards,
+            reserved=ctx.reserved,
         )
 
 
