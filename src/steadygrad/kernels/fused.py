@@ -379,7 +379,11 @@ def _counter_keys(program: Any, index: int) -> frozenset[str]:
     layouts = [program.groups[index].layout] + ([program.clip_layout] if program.clip_layout is not None else [])
     out = set()
     for layout in layouts:
-        leaves = [leaf for _, leaf in state_leaves(layout.transform.init(probe))]
+        try:
+            template = layout.transform.init(probe)
+        except Exception:  # noqa: BLE001 - a hand-written init that reads values: shapes decide
+            continue
+        leaves = [leaf for _, leaf in state_leaves(template)]
         for k in layout.per_param:
             if getattr(leaves[k.leaf], k.field)[0].dim() == 0:
                 out.add(k.key)
