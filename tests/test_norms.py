@@ -146,6 +146,74 @@ def test_fp16_norm_does_not_overflow():
     torch.testing.assert_close(total_norm([x, x]), torch.tensor(1.2e6 * math.sqrt(2)), rtol=1e-6, atol=0)
 
 
+# --- no overflow -----------------------------------------------------------------------------------
+
+
+def _huge(dtype, value=3e19):
+    """Finite tensors whose squares overflow float32 (3e19² > 3.4e38), next to ordinary ones."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(4, 6, generator=g, dtype=torch.float64) * value
+    if dtype.is_complex:
+        big = torch.complex(big, big.flip(0))
+    return [big.to(dtype), torch.randn(5, generator=g, dtype=torch.float64).to(dtype), (big[:2] / 7).to(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("p", [2.0, 3.0, 1.0, INF])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_finite_gradients_have_finite_norms(dtype, p, compiled):
+    """The eager CPU path (float32 pass, scaled second pass where it overflowed) and the
+    float64-accumulating path (torch.compile) both give the float64 oracle's norms."""
+    ts = _huge(dtype)
+    if p == 2.0:
+        assert torch.linalg.vector_norm(ts[0].float() if not dtype.is_complex else ts[0]).isinf()  # torch's
+    norms, total = tensor_norms, total_norm
+    if compiled:
+        torch._dynamo.reset()
+        norms = torch.compile(tensor_norms, fullgraph=True, backend="aot_eager")
+        total = torch.compile(total_norm, fullgraph=True, backend="aot_eager")
+    per = norms(ts, p)
+    for t, n in zip(ts, per):
+        assert n.dtype == torch.float32 and n.isfinite()
+        torch.testing.assert_close(n, _reference_norm([t], p).float(), rtol=2e-6, atol=0)
+    n = total(ts, p)
+    assert n.dtype == torch.float32
+    torch.testing.assert_close(n, _reference_norm(ts, p).float(), rtol=2e-6, atol=0)
+
+
+def test_norm_of_norms_does_not_overflow():
+    """Each tensor's norm is finite in float32, their squares are not."""
+    ts = [torch.full((4,), 1e19), torch.full((9,), -2e19), torch.ones(3)]
+    torch.testing.assert_close(total_norm(ts), _reference_norm(ts, 2.0).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(total_norm(ts, 4.0), _reference_norm(ts, 4.0).float(), rtol=1e-6, atol=0)
+
+
+def test_float64_beyond_its_squares():
+    ts = [torch.full((3,), 1e200, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
+    torch.testing.assert_close(tensor_norms(ts)[0], torch.tensor(math.sqrt(3) * 1e200, dtype=torch.float64))
+    torch.testing.assert_close(total_norm(ts), torch.tensor(math.sqrt(3) * 1e200, dtype=torch.float64))
+
+
+def test_overflow_only_beyond_the_range():
+    """inf only where the norm itself exceeds float32, or an element is inf; NaN stays NaN."""
+    assert total_norm([torch.full((4,), 3e38)]).isinf()  # the norm is 6e38
+    assert tensor_norms([torch.full((4,), 1e38)])[0].item() == pytest.approx(2e38, rel=1e-6)
+    assert total_norm([torch.full((4,), 3e19), torch.tensor([math.inf])]).isinf()
+    assert total_norm([torch.full((4,), 3e19), torch.tensor([math.nan])]).isnan()
+    assert tensor_norms([torch.tensor([3e19, math.nan])])[0].isnan()
+
+
+def test_clip_grad_norm_of_huge_gradients_clips_instead_of_zeroing():
+    import steadygrad as sg
+
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    w.grad = torch.full((3, 4), 3e19)
+    n = sg.clip_grad_norm_([w], max_norm=1.0)
+    torch.testing.assert_close(n, torch.tensor(3e19 * math.sqrt(12)))
+    torch.testing.assert_close(torch.linalg.vector_norm(w.grad.double()), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(w.grad, torch.full((3, 4), 1 / math.sqrt(12)))
+
+
 # --- total norm --------------------------------------------------------------------------------
 
 

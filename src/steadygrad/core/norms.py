@@ -5,13 +5,24 @@ Every norm in steadygrad comes from here, so that all of them follow the same ru
 * **Wide accumulation.** A norm is computed in float32 or wider whatever the tensor's dtype:
   float64 (and complex128) tensors in float64, everything else (float32, float16, bfloat16,
   complex64) in float32. A finite float16 gradient whose norm exceeds 65504 has a finite norm.
+* **No overflow.** A norm is ``inf`` only if it exceeds its dtype's range (or an element is
+  inf), never because a square does: a float32 tensor of values 3e19 has norm 3e19·√n, not
+  inf (torch's kernels overflow there). On the CPU in eager mode the float32 pass runs as
+  usual and a tensor whose norm comes out ``inf`` is normed again scaled by its largest
+  magnitude, :math:`m \\, \\|x / m\\|_p`, a second pass paid only then. Elsewhere (accelerators,
+  ``torch.compile``, tensor subclasses) the sum is accumulated in float64 (``mps``, which has
+  no float64, keeps float32); norms are then combined across tensors scaled by the largest.
+  Across ranks partials are float64 sums of :math:`n^p`, which overflow only beyond float64's
+  range (e.g. a float32 norm of 3e38 at ``p > 8``).
 * **p-norms.** ``norm_type`` is a real ``p > 0`` or ``inf`` (see :func:`check_norm_type`):
   :math:`\\|x\\|_p = (\\sum_i |x_i|^p)^{1/p}` and :math:`\\|x\\|_\\infty = \\max_i |x_i|`, over the
   complex values themselves for complex tensors (as ``torch.linalg.vector_norm``). The norm of a
   zero-element tensor is 0, for ``p = inf`` too (torch raises there).
-* **No host sync.** Nothing here reads a tensor's value on the host or branches on it; the
-  results stay on the device (:func:`total_norm` and :func:`clip_coefficient` run under
-  ``torch.compile(fullgraph=True)``).
+* **No host sync.** Nothing here reads an accelerator tensor's value on the host or branches on
+  it; the results stay on the device (:func:`total_norm` and :func:`clip_coefficient` run under
+  ``torch.compile(fullgraph=True)``). The one exception, :func:`_overflowed`, reads a 0-d
+  *CPU* result in eager mode (no device to wait for; about 2 µs) to decide whether the
+  overflow pass is needed.
 * **One all-reduce.** :func:`total_norm` with ``process_group`` reduces the local partial
   :math:`\\sum |x|^p` (``max |x|`` for ``inf``) with a single all-reduce, in float64.
 * **DTensor.** A DTensor (FSDP2, tensor parallel) contributes its local shard, reduced over the
@@ -45,6 +56,7 @@ __all__ = [
     "check_norm_type",
     "check_threshold",
     "portable_group",
+    "reduced_norms",
     "scaled",
     "clip_coefficient",
     "norm_dtype",
@@ -75,6 +87,7 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
 _PLAIN_TYPES = (Tensor, Parameter)
 _PLAIN_TYPES_SET = frozenset(_PLAIN_TYPES)
 _DOUBLE = (torch.float64, torch.complex128)
+_CPU = torch.device("cpu")
 
 
 def check_norm_type(norm_type: Any) -> float:
@@ -181,14 +194,54 @@ def tensor_norms(
     """
     p = check_norm_type(norm_type)
     locals_, specs = _locals(tensors, shards)
-    norms = _local_norms(locals_, p, foreach)
+    checked = _checked_on_host(locals_, p)
+    norms = _local_norms(locals_, p, foreach, wide=not checked)
+    if checked and _overflowed(norms):
+        norms = _rescaled(locals_, norms, p)
     sharded = [i for i, spec in enumerate(specs) if spec is not None and spec[1]]
     if sharded:
-        partials = [_partial(norms[i], p) for i in sharded]
+        partials = [_partial(norms[i].to(torch.float64), p) for i in sharded]
         reduced = _reduce_over_meshes(partials, [specs[i] for i in sharded], p)
         for i, r in zip(sharded, reduced):
-            norms[i] = _finish(r, p).to(norms[i].dtype)
-    return norms
+            norms[i] = _finish(r, p)
+    return norms if checked and not sharded else _as_norm_dtypes(locals_, norms)
+
+
+@torch.no_grad()
+def reduced_norms(tensors: Sequence[Tensor], dims: Sequence[tuple[int, ...] | None]) -> list[Tensor]:
+    """The L2 norm of each tensor over some of its dimensions, kept as size-1 dimensions.
+
+    ``dims[i]`` lists the dimensions to reduce of ``tensors[i]`` (``None``: all of them, the
+    result of shape ``(1,) * ndim``). Accumulated and returned in :func:`norm_dtype`, without
+    overflow as :func:`tensor_norms` (float32 pass and a scaled second pass for the tensors that
+    overflowed on the CPU in eager mode; float64 accumulation elsewhere). Local tensors only
+    (no DTensor reduction): the caller all-reduces what is split across ranks.
+    """
+    tensors = list(tensors)
+    checked = _checked_on_host(tensors, 2.0)
+
+    def norm(t: Tensor, d: tuple[int, ...] | None, cast: torch.dtype | None) -> Tensor:
+        if d is None:
+            return torch.linalg.vector_norm(t, 2, dtype=cast).reshape((1,) * t.dim())
+        return torch.linalg.vector_norm(t, 2, dim=d, keepdim=True, dtype=cast)
+
+    out = []
+    for t, d in zip(tensors, dims):
+        cast = None if wide_dtype(t.dtype) == t.dtype else wide_dtype(t.dtype)
+        if not checked and t.dtype not in _DOUBLE and t.device.type != "mps":
+            cast = torch.complex128 if t.dtype.is_complex else torch.float64
+        n = norm(t, d, cast)
+        out.append(n if n.dtype == norm_dtype(t.dtype) else n.to(norm_dtype(t.dtype)))
+    if checked and out and _overflowed(torch._foreach_norm(out, 1.0)):  # norms >= 0: sum = L1
+        for i, (t, d, n) in enumerate(zip(tensors, dims, out)):
+            if bool(n.isinf().any()):
+                x = t.to(wide_dtype(t.dtype))
+                m = x.abs().amax() if d is None else x.abs().amax(dim=d, keepdim=True)
+                m = m.reshape(n.shape)
+                safe = torch.where((m > 0) & m.isfinite(), m, torch.ones_like(m))
+                rescaled = safe * norm(x / safe, d, None)
+                out[i] = torch.where(m.isfinite(), rescaled, n).to(n.dtype)
+    return out
 
 
 @torch.no_grad()
@@ -255,22 +308,42 @@ def total_norm(
         _all_reduce(partial, p, group)
         return _finish(partial, p).to(dtype)
 
-    device = tensors[0].device
     locals_, specs = _locals(tensors, shards)
     if group is not None:
         _check_no_overlap(group, specs)
-    norms = _local_norms(locals_, p, foreach)
-    dtype = norms[0].dtype
-    for other in dtypes(norms):
-        dtype = torch.promote_types(dtype, other)
+    dtype = norm_dtype(locals_[0].dtype)
+    for other in dtypes(locals_):
+        dtype = torch.promote_types(dtype, norm_dtype(other))
+    checked = _checked_on_host(locals_, p)
+    norms = _local_norms(locals_, p, foreach, wide=not checked)
+    total = _combine(norms, specs, p, group, tensors[0].device, wide=False)
+    # A non-finite total on every rank alike (it is all-reduced), so all ranks take this branch.
+    if checked and _overflowed([total]):
+        total = _combine(_rescaled(locals_, norms, p), specs, p, group, tensors[0].device, wide=True)
+    return total.to(dtype)
 
-    # The partial (sum of |x|^p, or max) of the tensors this rank holds whole: plain tensors and
-    # fully replicated DTensors. Sharded DTensors: one partial per (mesh, sharded mesh dims),
-    # all-reduced over those dims, then added.
-    if not any(specs) and devices(norms) == {device}:
-        whole = norms if len(dtypes(norms)) == 1 else [n.to(dtype) for n in norms]
-    else:
-        whole = [norms[i].to(device=device, dtype=dtype) for i, s in enumerate(specs) if not (s and s[1])]
+
+def _combine(
+    norms: list[Tensor], specs: list, p: float, group: Any, device: torch.device, *, wide: bool
+) -> Tensor:
+    """The norm of all tensors from their norms: the partial (sum of n^p, or max) of the tensors
+    this rank holds whole (plain tensors, fully replicated DTensors), plus one partial per (mesh,
+    sharded mesh dims) all-reduced over those dims, then all-reduced over ``group``. Partials are
+    float64 whenever anything is reduced across ranks, and with ``wide`` (mps keeps float32)."""
+    distributed = group is not None or any(s and s[1] for s in specs)
+    if not distributed and devices(norms) == {device}:
+        dtype = norms[0].dtype
+        for other in dtypes(norms):
+            dtype = torch.promote_types(dtype, other)
+        whole = norms if dtypes(norms) == {dtype} else [n.to(dtype) for n in norms]
+        if wide and _squares(p):  # sum of (n_i / max n)^p: no overflow at any p, in any dtype
+            x = torch.stack(whole)
+            m = x.amax()
+            m = torch.where((m > 0) & m.isfinite(), m, torch.ones_like(m))
+            return m * _finish(_partial_of_norms([x / m], p), p)
+        return _finish(_partial_of_norms(whole, p), p)
+    dtype = torch.float64 if distributed or (wide and device.type != "mps") else norms[0].dtype
+    whole = [norms[i].to(device=device, dtype=dtype) for i, s in enumerate(specs) if not (s and s[1])]
     sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
     for i, spec in enumerate(specs):
         if spec is not None and spec[1]:
@@ -279,16 +352,15 @@ def total_norm(
     if sharded:
         keys = list(sharded)
         reduced = _reduce_over_meshes([_partial_of_norms(sharded[k], p) for k in keys], keys, p)
-        pieces = [t.to(torch.float64) for t in pieces] + [r.to(device) for r in reduced]
+        pieces += [r.to(device) for r in reduced]
     if len(pieces) == 1:
         partial = pieces[0]
     else:
         stacked = torch.stack(pieces)
         partial = stacked.amax() if math.isinf(p) else stacked.sum()
     if group is not None:
-        partial = partial.to(torch.float64)
         _all_reduce(partial, p, group)
-    return _finish(partial, p).to(dtype)
+    return _finish(partial, p)
 
 
 @torch.no_grad()
@@ -439,11 +511,15 @@ def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool |
     return supported and types(tensors) <= _PLAIN_TYPES_SET
 
 
-def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None, *, wide: bool = False) -> list[Tensor]:
+    """Each tensor's norm in its :func:`norm_dtype`, or accumulated in float64 with ``wide`` where
+    the squares could overflow (returned as float64; ``mps`` stays in float32)."""
     out: list[Tensor | None] = [None] * len(tensors)
     for (device, dtype), indices in group_by_device_dtype(tensors).items():
         compute = wide_dtype(dtype)
         cast = None if compute == dtype else compute
+        if wide and _squares(p) and dtype not in _DOUBLE and device.type != "mps":
+            cast = torch.complex128 if dtype.is_complex else torch.float64
         real = norm_dtype(dtype)
         if any_empty([tensors[i] for i in indices]):
             full = []
@@ -464,6 +540,52 @@ def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[
         for i, n in zip(full, norms):
             out[i] = n
     return out  # type: ignore[return-value]
+
+
+def _checked_on_host(tensors: Sequence[Tensor], p: float) -> bool:
+    """Whether overflow of these tensors' p-norms is checked on the host afterwards
+    (:func:`_overflowed`): plain CPU tensors outside ``torch.compile``, whose values are read at
+    no device sync. Otherwise their norms are accumulated wide (:func:`_local_norms`)."""
+    return (
+        _squares(p)
+        and not torch.compiler.is_compiling()
+        and devices(tensors) == {_CPU}
+        and types(tensors) <= _PLAIN_TYPES_SET
+    )
+
+
+def _squares(p: float) -> bool:
+    """Whether the partial sum of a p-norm can overflow before the norm does (not p = 1, inf)."""
+    return p != 1.0 and not math.isinf(p)
+
+
+def _overflowed(results: list[Tensor]) -> bool:
+    """Whether a CPU norm came out inf or NaN (or their sum overflows), so that the overflow pass
+    (:func:`_rescaled`) may be needed. Reads the results on the host: for
+    :func:`_checked_on_host` tensors only, no device sync."""
+    if not results:
+        return False
+    value = results[0] if len(results) == 1 else torch.stack(results).sum()
+    return not math.isfinite(value.item())
+
+
+def _rescaled(tensors: list[Tensor], norms: list[Tensor], p: float) -> list[Tensor]:
+    """``norms`` with each ``inf`` norm of a finite tensor computed again without overflow:
+    :math:`m \\, \\|x / m\\|_p` with :math:`m = \\max |x|` (CPU, eager: see :func:`_overflowed`)."""
+    out = list(norms)
+    for i, (t, n) in enumerate(zip(tensors, norms)):
+        if not bool(n.isinf()):
+            continue
+        x = t.to(wide_dtype(t.dtype))
+        m = x.abs().amax()
+        if bool(m.isfinite()):
+            out[i] = (m * torch.linalg.vector_norm(x / m, p)).to(n.dtype)
+    return out
+
+
+def _as_norm_dtypes(tensors: list[Tensor], norms: list[Tensor]) -> list[Tensor]:
+    """Each norm in its tensor's :func:`norm_dtype` (wide accumulation returns float64)."""
+    return [n if n.dtype == norm_dtype(t.dtype) else n.to(norm_dtype(t.dtype)) for t, n in zip(tensors, norms)]
 
 
 # Scratch budget (elements) of :func:`scale_` for widening float16/bfloat16 tensors.
