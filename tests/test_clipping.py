@@ -440,6 +440,66 @@ def test_agc_in_bfloat16_is_close_to_float64():
     torch.testing.assert_close(low.to(F64), ref, rtol=2e-2, atol=1e-6)
 
 
+def _agc_complex_reference(g: torch.Tensor, w: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
+    """AGC on the complex tensor itself (timm's unitwise norms over complex values)."""
+    out = g.clone()
+    units = [(...,)] if g.dim() <= 1 else [(i,) for i in range(g.shape[0])]
+    for u in units:
+        gn = math.sqrt(sum(abs(x) ** 2 for x in g[u].flatten().tolist()))
+        wn = math.sqrt(sum(abs(x) ** 2 for x in w[u].flatten().tolist()))
+        m = lam * max(wn, eps)
+        if gn > m:
+            out[u] = g[u] * (m / max(gn, 1e-6))
+    return out
+
+
+def test_agc_complex_parameters_have_the_units_of_the_complex_tensor():
+    """A complex vector is one unit (not one per element of its real view); a complex matrix has
+    one per row. Through a Clipper and an optimizer's clip= (both hand the rule real views)."""
+    from steadygrad import Clipper
+    from steadygrad.optim import Adam
+
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(5,), (3, 4), ()]
+    weights = [torch.randn(s, generator=gen, dtype=torch.complex128) for s in shapes]
+    grads = [torch.randn(s, generator=gen, dtype=torch.complex128) * 0.03 for s in shapes]
+    lam, eps = 0.02, 1e-3
+    expected = [_agc_complex_reference(g, w, lam, eps) for g, w in zip(grads, weights)]
+    assert not torch.allclose(expected[0], grads[0])  # the test clips something
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    Clipper(params, clip_by_unit_ratio(lam, eps)).clip_()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-13, atol=0)
+
+    # Adam(clip=AGC) steps as Adam on the clipped gradients.
+    clipped = [torch.nn.Parameter(w.clone()) for w in weights]
+    plain = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(clipped, grads):
+        p.grad = g.clone()
+    for p, e in zip(plain, expected):
+        p.grad = e.clone()
+    Adam(clipped, lr=0.1, clip=clip_by_unit_ratio(lam, eps)).step()
+    torch.optim.Adam(plain, lr=0.1).step()
+    for a, b in zip(clipped, plain):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
+def test_agc_of_huge_float32_gradients_clips_instead_of_zeroing():
+    """Rows whose squared norm overflows float32 (values 3e19) are clipped to the limit."""
+    gen = torch.Generator().manual_seed(22)
+    w = torch.randn(3, 5, generator=gen, dtype=F64)
+    g = torch.randn(3, 5, generator=gen, dtype=F64) * 3e19
+    expected, _, _ = _agc_reference(g, w, 0.01, 1e-3)
+    t = clip_by_unit_ratio(0.01)
+    for gg, ww in [(g, w), (g[0], w[0])]:  # rows, and a vector (one unit)
+        exp = expected if gg.dim() == 2 else _agc_reference(gg, ww, 0.01, 1e-3)[0]
+        (out,), _ = t.update([gg.float()], t.init([ww.float()]), [ww.float()])
+        assert out.isfinite().all()
+        torch.testing.assert_close(out.to(F64), exp, rtol=1e-5, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Update RMS (Adafactor)
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ parameter, the update and every state tensor, as torch.optim does; the state sta
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import replace
 from operator import is_, itemgetter
 from typing import Any, NamedTuple
 
@@ -281,6 +282,8 @@ class StateLayout:
         given = self.gather(store, params, shared, real=real, local=local, entries=entries)
         real_updates = list(updates) if real else [as_real(u) for u in updates]
         real_params = local_params if real else [as_real(p) for p in local_params]
+        if not real:
+            ctx = replace(ctx, complex_views=[p.is_complex() for p in local_params])
         if ctx.scale is not None and not self.transform.takes_scale:
             real_updates, ctx = apply_scale(real_updates, ctx)
         scale = None

@@ -138,6 +138,9 @@ class StepContext:
             over the mesh (:mod:`steadygrad.core.dtensor`). Element-wise transforms ignore it.
         reserved: the caller made room for this step in state that grows (:meth:`Transform.reserve`)
             before it: compiled code, which cannot read a size from a value, then relies on it.
+        complex_views: ``None``, or one bool per tensor given: ``True`` where the tensor is the real
+            view (``torch.view_as_real``, a trailing dimension of 2) of a complex parameter. A
+            transform whose units follow the tensor's shape (AGC) reads the complex shape here.
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
@@ -148,6 +151,7 @@ class StepContext:
     scratch: Any = None
     shards: Any = None
     reserved: bool = False
+    complex_views: Any = None
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as

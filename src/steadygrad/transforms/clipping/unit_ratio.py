@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ...core.gate import commit_select
-from ...core.norms import all_reduce_shards_, wide_dtype
+from ...core.norms import all_reduce_shards_, reduced_norms
 from ...core.tensorlist import Scalar
 from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
@@ -23,27 +23,25 @@ __all__ = ["AGC_DIV_EPS", "ClipByUnitRatio", "clip_by_unit_ratio", "unit_ratio_c
 AGC_DIV_EPS = 1e-6
 
 
-def _unit_norms(tensors: Sequence[Tensor], shards: Any = None) -> list[Tensor]:
+def _unit_norms(tensors: Sequence[Tensor], shards: Any = None, complex_views: Any = None) -> list[Tensor]:
     """The L2 norm of each unit of each tensor in torch's ``(out, in, ...)`` layout.
 
     A tensor of 2 or more dimensions has ``shape[0]`` units (its slices along dim 0): the result
     has shape ``(out, 1, ..., 1)``. A 0-D or 1-D tensor is one unit: the result has shape
-    ``(1,) * ndim``. One reduction per tensor over dims ``1..`` (not one per unit: a model's
-    embedding has tens of thousands of rows, and a graph with a node per row takes minutes to
-    compile), accumulated in float32 or wider.
+    ``(1,) * ndim``. The real view of a complex tensor (``complex_views``) has the units of the
+    complex tensor: a complex vector is one unit, not one per element. One reduction per tensor
+    over dims ``1..`` (not one per unit: a model's embedding has tens of thousands of rows, and a
+    graph with a node per row takes minutes to compile), by
+    :func:`~steadygrad.core.norms.reduced_norms` (no overflow).
 
     With ``shards`` (local shards of DTensors): a unit split across ranks (a 0-D or 1-D tensor
     sharded, or a tensor sharded along a dimension other than 0) gets its squared norm summed
     over those ranks; rows of a tensor sharded along dim 0 (FSDP2) are whole on one rank.
     """
-    out = []
-    for t in tensors:
-        wide = None if wide_dtype(t.dtype) == t.dtype else wide_dtype(t.dtype)
-        if t.dim() <= 1:
-            out.append(torch.linalg.vector_norm(t, 2, dtype=wide).reshape((1,) * t.dim()))
-        else:
-            out.append(torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.dim())), keepdim=True, dtype=wide))
-    split = [_splits_units(t, s) for t, s in zip(tensors, shards)] if shards is not None else []
+    views = list(complex_views) if complex_views is not None else [False] * len(tensors)
+    dims = [None if _one_unit(t, c) else tuple(range(1, t.dim())) for t, c in zip(tensors, views)]
+    out = reduced_norms(tensors, dims)
+    split = [_splits_units(t, s, c) for t, s, c in zip(tensors, shards, views)] if shards is not None else []
     if any(split):
         squares = [n.square() for n in out]
         all_reduce_shards_(squares, [s if flag else None for s, flag in zip(shards, split)])
@@ -51,13 +49,24 @@ def _unit_norms(tensors: Sequence[Tensor], shards: Any = None) -> list[Tensor]:
     return out
 
 
-def _splits_units(t: Tensor, spec: Any) -> bool:
+def _one_unit(t: Tensor, complex_view: bool) -> bool:
+    """Whether a tensor is a single unit: 0-D or 1-D (as a complex tensor, for a real view)."""
+    return t.dim() <= (2 if complex_view else 1)
+
+
+def _splits_units(t: Tensor, spec: Any, complex_view: bool = False) -> bool:
     """Whether a shard holds parts of units (rather than whole units) of its tensor."""
-    return bool(spec and spec[1]) and (t.dim() <= 1 or any(d != 0 for d in spec[2]))
+    return bool(spec and spec[1]) and (_one_unit(t, complex_view) or any(d != 0 for d in spec[2]))
 
 
 def unit_ratio_clip_update(
-    updates: list[Tensor], params: Sequence[Tensor], *, clip_factor: Scalar, eps: Scalar, shards: Any = None
+    updates: list[Tensor],
+    params: Sequence[Tensor],
+    *,
+    clip_factor: Scalar,
+    eps: Scalar,
+    shards: Any = None,
+    complex_views: Any = None,
 ) -> tuple[list[Tensor], Tensor]:
     """AGC, in place on ``updates``; units in torch's layout (see :func:`clip_by_unit_ratio`).
 
@@ -66,14 +75,18 @@ def unit_ratio_clip_update(
         G_u \\leftarrow G_u \\cdot \\frac{m}{\\max(\\|G_u\\|, 10^{-6})}
         \\;\\text{ if } \\|G_u\\| > m
 
+    ``complex_views`` (one bool per tensor, :attr:`StepContext.complex_views
+    <steadygrad.core.transform.StepContext.complex_views>`) marks real views of complex
+    parameters, whose units are those of the complex tensor.
+
     Returns:
         ``(updates, fraction)``: the fraction of units clipped (of whole tensors with ``shards``,
         the local shards' layout of :attr:`~steadygrad.core.transform.StepContext.shards`).
     """
     if len(params) != len(updates):
         raise ValueError(f"unit_ratio_clip_update: {len(updates)} updates but {len(params)} params")
-    g_norms = _unit_norms(updates, shards)
-    w_norms = _unit_norms(params, shards)
+    g_norms = _unit_norms(updates, shards, complex_views)
+    w_norms = _unit_norms(params, shards, complex_views)
     counts = []
     units = []
     for u, gn, wn in zip(updates, g_norms, w_norms):
@@ -92,7 +105,10 @@ def unit_ratio_clip_update(
         units.append(gn.numel())
     # A tensor whose units were all-reduced counts them once; one sharded by whole units, on
     # every rank that holds some.
-    by_units = None if shards is None else [None if _splits_units(u, s) else s for u, s in zip(updates, shards)]
+    views = list(complex_views) if complex_views is not None else [False] * len(updates)
+    by_units = (
+        None if shards is None else [None if _splits_units(u, s, c) else s for u, s, c in zip(updates, shards, views)]
+    )
     return updates, element_fraction(counts, units, by_units)
 
 
@@ -117,7 +133,10 @@ class ClipByUnitRatio(Transform):
                 "clip_by_unit_ratio needs the parameters (the weight norms): update(updates, state, params)"
             )
         updates, fraction = unit_ratio_clip_update(
-            updates, params, clip_factor=ctx.value(self.clip_factor), eps=ctx.value(self.eps), shards=ctx.shards
+            updates, params, clip_factor=ctx.value(self.clip_factor),
+            eps=ctx.value(self.eps),
+            shards=ctx.shards,
+            complex_views=ctx.complex_views,
         )
         return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 
@@ -136,7 +155,9 @@ def clip_by_unit_ratio(clip_factor: float | Tensor = 0.01, eps: float | Tensor =
 
     A unit is one output row in torch's layout: for a weight of shape ``(out, in, ...)`` (Linear
     ``(out, in)``, Conv2d ``(out, in/groups, kh, kw)``) the norms reduce over dims ``1..``, one
-    per output unit; a 0-D or 1-D tensor (a bias, a gain) is a single unit. ``eps`` keeps
+    per output unit; a 0-D or 1-D tensor (a bias, a gain) is a single unit. A complex parameter
+    has the units of its complex shape (a complex vector is one unit; its real view is not
+    taken for rows). ``eps`` keeps
     zero-initialised weights (biases, the last layer of many inits) from freezing.
 
     Needs ``params`` in ``update``. Needs whole rows (``structure="units"``).
