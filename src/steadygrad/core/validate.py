@@ -45,8 +45,8 @@ def _number(name: str, value: Any, group: int | None) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
             raise ValueError(
-                f"Invalid {_TORCH_NAMES.get(name, name + ' value')}: a tensor {name} must hold one real number, "
-                f"got shape {tuple(value.shape)} and dtype {value.dtype}{_where(group)}"
+                f"Invalid {_TORCH_NAMES.get(name, name + ' value')}: Tensor {name} must be 1-element and hold one "
+                f"real number, got shape {tuple(value.shape)} and dtype {value.dtype}{_where(group)}"
             )
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

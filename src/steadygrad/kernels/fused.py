@@ -179,7 +179,7 @@ class FusedExecutor:
             if len({id(p) for p in params}) != len(params):
                 return "a parameter listed twice in a group"
             for p in params:
-                reason = ineligibility(p)
+                reason = ineligibility(p) or _sparse_gradient(p)
                 if reason:
                     return reason
             devices = {p.device for p in params}
@@ -279,6 +279,10 @@ class FusedExecutor:
                 return self._give_up(reason)
         flats = [f for g in self.groups for f in g.flats]
         replaced = [f for f in flats if not f.gradients_in_place()]
+        for f in replaced:
+            reason = next(filter(None, map(_sparse_gradient, f.params)), None)
+            if reason:
+                return self._give_up(reason)
         if any(f.missing_gradients() for f in replaced):
             # torch's semantics: a parameter without a gradient is not stepped. This step takes
             # the reference path (on the same views); the counters are checked before the next.
@@ -320,6 +324,8 @@ class FusedExecutor:
         return True
 
     def _give_up(self, reason: str) -> bool:
+        """Turns the fused path off for good (one warning naming ``reason``): this step and the
+        later ones take the reference path."""
         self.disabled = reason
         self._warn(f"fused=True falls back to the reference path: {reason}")
         return False
@@ -369,6 +375,14 @@ def _describe(param_groups: list[dict[str, Any]], p: Tensor) -> str:
             if other is p:
                 return f"parameter {p_index} of param group {g_index} (shape {tuple(p.shape)})"
     return f"a parameter of shape {tuple(p.shape)}"
+
+
+def _sparse_gradient(p: Tensor) -> str | None:
+    """Why a parameter's gradient cannot be stepped in a flat buffer, or ``None``."""
+    grad = p.grad
+    if grad is not None and grad.layout != torch.strided:
+        return "a sparse gradient (stepped by the optimizer's sparse rule on the reference path)"
+    return None
 
 
 def _counter_keys(program: Any, index: int) -> frozenset[str]:

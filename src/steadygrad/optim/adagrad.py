@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 from torch import Tensor
@@ -10,11 +10,35 @@ from torch import Tensor
 from ..core.state import Replicated
 from ..core.transform import Hyper, Transform, chain
 from ..core.validate import Flag, Range
-from ..transforms.adaptive import ScaleByRss
+from ..transforms.adaptive import ScaleByRss, rss_sparse_update_
 from ..transforms.basic import AddDecayedWeights, ScaleByLr
 from .base import ParamsT, TransformOptimizer, hyper_or_zero
 
-__all__ = ["Adagrad"]
+__all__ = ["Adagrad", "adagrad_sparse_step"]
+
+
+def adagrad_sparse_step(group: Mapping[str, Any], params: list[Tensor], state: MutableMapping[Any, dict]) -> None:
+    """Adagrad's step for parameters with sparse gradients (``nn.Embedding(sparse=True)``), as
+    torch's: only the rows the gradient holds change (:func:`~steadygrad.transforms.adaptive.rss_sparse_update_`).
+
+    Raises:
+        RuntimeError: the group has ``weight_decay != 0`` (torch's error: a decayed gradient is dense).
+    """
+    if group["weight_decay"] != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    for p in params:
+        entry = state[p]
+        rss_sparse_update_(
+            p,
+            p.grad,
+            entry["sum"],
+            entry["step"],
+            lr=group["lr"],
+            lr_decay=group["lr_decay"],
+            eps=group["eps"],
+            eps_in_sqrt=bool(group.get("eps_in_sqrt", False)),
+            maximize=bool(group["maximize"]),
+        )
 
 
 class Adagrad(TransformOptimizer):
@@ -47,10 +71,13 @@ class Adagrad(TransformOptimizer):
             naming the parameter; one host read per step). See
             :class:`~steadygrad.optim.TransformOptimizer`.
 
-    Differences from torch: sparse gradients raise ``RuntimeError`` (use ``torch.optim.Adagrad``
-    or ``torch.optim.SparseAdam`` for sparse embeddings); NaN or out-of-range hyperparameters and
-    ``eps <= 0`` raise ``ValueError``. State is created for every parameter at construction, as
-    torch does for Adagrad.
+    Sparse gradients (``nn.Embedding(sparse=True)``) are stepped as torch steps them: only the rows
+    they hold change (:func:`adagrad_sparse_step`; no ``weight_decay``, ``clip=`` or
+    ``nonfinite='skip'/'raise'`` with them; ``fused=True`` hands them to this reference rule).
+
+    Differences from torch: NaN or out-of-range hyperparameters and ``eps <= 0`` raise
+    ``ValueError``. State is created for every parameter at construction, as torch does for
+    Adagrad.
     """
 
     HYPERPARAMETERS = {
@@ -64,6 +91,7 @@ class Adagrad(TransformOptimizer):
     }
     EXTRAS = {"eps_in_sqrt": False}
     INIT_OPTIONS = ("initial_accumulator_value",)
+    SPARSE_STEP = staticmethod(adagrad_sparse_step)
 
     def __init__(
         self,

@@ -81,7 +81,8 @@ class TransformOptimizer(Optimizer):
     ``add_param_group``) and whenever a structural option of a group changes (``ValueError``
     naming the option, the value and the group).
 
-    Differences from torch.optim: sparse gradients raise ``RuntimeError``; ``differentiable=True``
+    Differences from torch.optim: sparse gradients raise ``RuntimeError`` (but for Adagrad, as in
+    torch); ``differentiable=True``
     is refused. A parameter listed twice in a group gets torch's warning and is stepped twice, as by
     torch (the numbers are each library's own); ``fused=True`` then takes the reference path.
     """
@@ -90,6 +91,8 @@ class TransformOptimizer(Optimizer):
     EXTRAS: ClassVar[dict[str, Any]] = {}
     #: Options read only when state is created (their exact values select the program).
     INIT_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    #: The step for parameters with sparse gradients, ``(group, params, state)``; ``None``: they raise.
+    SPARSE_STEP: ClassVar[Callable[..., None] | None] = None
 
     def __init__(
         self,
@@ -170,7 +173,9 @@ class TransformOptimizer(Optimizer):
             for index, group in enumerate(self.param_groups):
                 check_group(self.HYPERPARAMETERS, group, index)
             transforms = [self.build_transform(group) for group in self.param_groups]
-            program = StepProgram.build(key, transforms, self.param_groups, self.clip, self.nonfinite)
+            program = StepProgram.build(
+                key, transforms, self.param_groups, self.clip, self.nonfinite, type(self).SPARSE_STEP
+            )
             self._programs[key] = program
         self._last_program = (options, program, (id(self.clip), self.nonfinite))
         return program

@@ -25,7 +25,7 @@ State layout (the one place that decides it)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -110,6 +110,9 @@ class StepProgram:
     clip: Transform | None
     clip_layout: StateLayout | None
     nonfinite: str = "ignore"  # one of NONFINITE
+    # The optimizer's step for parameters with sparse gradients (group, params, store), or None:
+    # sparse gradients raise.
+    sparse: Callable[[Mapping[str, Any], list[Tensor], MutableMapping[Any, dict]], None] | None = None
 
     @classmethod
     def build(
@@ -119,10 +122,11 @@ class StepProgram:
         param_groups: Sequence[Mapping],
         clip: Transform | None,
         nonfinite: str = "ignore",
+        sparse: Any = None,
     ):
         groups = tuple(GroupStep.build(t, g) for t, g in zip(transforms, param_groups))
         layout = StateLayout(clip, CLIP_NAMESPACE, CLIP_NAMESPACE) if clip is not None else None
-        return cls(key, groups, clip, layout, nonfinite)
+        return cls(key, groups, clip, layout, nonfinite, sparse)
 
     def finite_gate(self, grads: Sequence[Tensor], describe: Any, shards: Any = None) -> Tensor | None:
         """The commit gate of ``nonfinite="skip"``: a 0-d float32 tensor, 1 when every gradient
@@ -156,6 +160,26 @@ class StepProgram:
             parts.append(self.clip.structure)
         return coarsest_structure(*parts)
 
+    def _step_sparse(
+        self, g: GroupStep, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor], store: Any
+    ) -> list[Tensor]:
+        """Steps the parameters with sparse gradients by the optimizer's sparse rule; returns the
+        others (dense gradients), for the program."""
+        if self.sparse is None:
+            raise RuntimeError(
+                "this steadygrad optimizer does not support sparse gradients; use steadygrad.optim.Adagrad, "
+                "torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
+            )
+        if self.clip is not None or self.nonfinite != "ignore":
+            raise RuntimeError(
+                "sparse gradients are stepped by the sparse rule alone: clip= and nonfinite='skip'/'raise' "
+                "do not support them (dense gradients only)"
+            )
+        sparse = [p for p, grad in zip(params, grads) if grad.is_sparse]
+        g.layout.ensure(store, sparse, Replicated(store, group["params"]))
+        self.sparse(group, sparse, store)
+        return [p for p, grad in zip(params, grads) if not grad.is_sparse]
+
     # ---- the reference executor -----------------------------------------------------------------
 
     def run(
@@ -178,10 +202,10 @@ class StepProgram:
                 continue
             grads, shards = split_shards([p.grad for p in params])
             if any(map(_is_sparse, grads)):
-                raise RuntimeError(
-                    "steadygrad optimizers do not support sparse gradients; "
-                    "use torch.optim.Adagrad or torch.optim.SparseAdam for sparse embeddings"
-                )
+                params = self._step_sparse(g, group, params, grads, store)
+                if not params:
+                    continue
+                grads, shards = split_shards([p.grad for p in params])
             work.append((g, group, params, grads, shards))
         if not work:
             return

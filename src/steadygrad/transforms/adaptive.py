@@ -63,6 +63,7 @@ __all__ = [
     "ScaleByRssState",
     "adam_update",
     "rms_update",
+    "rss_sparse_update_",
     "rss_update",
     "scale_by_adam",
     "scale_by_rms",
@@ -153,6 +154,49 @@ def rss_update(
     if counts is not None:
         return Quotient(grads, den, [scale / ((t - 1) * lr_decay + 1) for t in counts])
     return Quotient(grads, den, [scale / ((s.to(torch.float64) - 1) * lr_decay + 1) for s in steps])
+
+
+@torch.no_grad()
+def rss_sparse_update_(
+    param: Tensor,
+    grad: Tensor,
+    sums: Tensor,
+    step: Tensor,
+    *,
+    lr: Scalar,
+    lr_decay: Scalar,
+    eps: Scalar,
+    eps_in_sqrt: bool = False,
+    maximize: bool = False,
+) -> None:
+    """Adagrad's step for one parameter with a sparse (COO) gradient, on the entries it holds:
+    torch.optim.Adagrad's sparse rule, in place on ``param``, ``sums`` and ``step``.
+
+    .. math::
+        t \\leftarrow t + 1,\\quad s_I \\leftarrow s_I + g_I^2,\\quad
+        p_I \\leftarrow p_I - \\frac{\\text{lr}}{1 + (t-1)\\,\\text{lr\\_decay}}
+            \\cdot \\frac{g_I}{\\sqrt{s_I} + \\epsilon}
+
+    over the indices ``I`` of the (coalesced) gradient; every other entry of ``s`` and ``p`` is
+    untouched. ``eps_in_sqrt``: :math:`\\sqrt{s_I + \\epsilon}`. The learning rate is read on the
+    host (as torch reads its CPU ``step``); no weight decay (torch refuses it with sparse
+    gradients too).
+    """
+    step.add_(1)
+    t = float(step)
+    rate = float(lr) / (1 + (t - 1) * float(lr_decay))
+    g = (grad.neg() if maximize else grad).coalesce()
+    indices, values = g._indices(), g._values()
+    sums.add_(_like_sparse(g, values.pow(2)))
+    rows = sums.sparse_mask(g)._values()
+    den = rows.add(eps).sqrt_() if eps_in_sqrt else rows.sqrt().add_(eps)
+    param.add_(_like_sparse(g, values / den), alpha=-rate)
+
+
+def _like_sparse(g: Tensor, values: Tensor) -> Tensor:
+    """A sparse tensor with the (coalesced) indices of ``g`` and these values; valid by
+    construction, so torch's invariant checks are explicitly off (no per-call check, no warning)."""
+    return torch.sparse_coo_tensor(g._indices(), values, g.shape, check_invariants=False, is_coalesced=True)
 
 
 class _Scaling(Transform):
