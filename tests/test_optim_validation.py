@@ -97,11 +97,6 @@ def test_a_single_tensor_is_not_an_iterable_of_parameters():
         sg.optim.Adam(torch.nn.Parameter(torch.randn(3)))
 
 
-def test_differentiable_is_refused():
-    with pytest.raises(ValueError, match="differentiable"):
-        sg.optim.Adam(params(), differentiable=True)
-
-
 def test_sparse_gradients_raise_a_clear_error():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = sg.optim.Adam(emb.parameters())

@@ -35,6 +35,7 @@ def _backward(model, idx) -> None:
     ids=["default", "lr_decay", "maximize", "init_eps", "tensor_lr"],
 )
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # torch.optim.Adagrad's
 def test_adagrad_sparse_equals_torch(options, fused):
     ours, theirs = _models()
     params = [p for m in ours for p in m.parameters()]

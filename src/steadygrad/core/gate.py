@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .tensorlist import Scalar, add_scalar_, addcmul_, dtypes, group_by_device_dtype, mul_scalar_, on_device
+from .tensorlist import Scalar, add_scalar_, addcmul_, copy_, dtypes, group_by_device_dtype, mul_scalar_, on_device
 
 __all__ = [
     "advance_",
@@ -73,12 +73,13 @@ def select_(old: Sequence[Tensor], new: Sequence[Tensor], gate: Tensor | None) -
     """``old ← new`` in place where the gate is open, ``old`` unchanged where it is closed
     (``torch.where``: inf/NaN in ``new`` do not reach ``old``). Without a gate a plain copy."""
     if gate is None:
-        torch._foreach_copy_(list(old), list(new))
+        copy_(old, new)
         return
     masks = _open_masks(gate, old)
-    compiling = torch.compiler.is_compiling()
+    # out= is not traced by torch.compile nor recorded by autograd (differentiable=True)
+    traced = torch.compiler.is_compiling() or torch.is_grad_enabled()
     for o, n in zip(old, new):
-        if compiling:
+        if traced:
             o.copy_(torch.where(masks[o.device], n, o))
         else:
             torch.where(masks[o.device], n, o, out=o)

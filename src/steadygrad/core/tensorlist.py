@@ -25,6 +25,7 @@ __all__ = [
     "any_empty",
     "as_real",
     "bias_correction",
+    "copy_",
     "devices",
     "dtypes",
     "from_real",
@@ -167,6 +168,16 @@ def _scalar_tensor(value: float, sign: float, dtype: torch.dtype) -> Tensor:
     caller's context (a ``torch.device`` default, ``inference_mode``), as it outlives it."""
     with torch.inference_mode(False):
         return torch.tensor(value, dtype=dtype, device="cpu")
+
+
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[i] ← src[i]`` in place: one ``torch._foreach_copy_``, or one ``copy_`` per tensor
+    where autograd records the step (``differentiable=True``: the foreach copy has no derivative)."""
+    if torch.is_grad_enabled():
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(list(dst), list(src))
 
 
 def mul_scalar_(tensors: list[Tensor], value: Scalar) -> None:

@@ -48,7 +48,7 @@ def _number(name: str, value: Any, group: int | None) -> float:
                 f"Invalid {_TORCH_NAMES.get(name, name + ' value')}: Tensor {name} must be 1-element and hold one "
                 f"real number, got shape {tuple(value.shape)} and dtype {value.dtype}{_where(group)}"
             )
-        return float(value)
+        return float(value.detach())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
             f"Invalid {_TORCH_NAMES.get(name, name + ' value')}: {value!r}; {name} must be a number or a "

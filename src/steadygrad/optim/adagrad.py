@@ -60,7 +60,8 @@ class Adagrad(TransformOptimizer):
         eps: ``> 0`` (torch accepts 0, which divides 0 by 0 for a zero gradient).
         foreach: accepted for compatibility; the list implementation is always used.
         maximize: ascend instead of descend.
-        differentiable: only ``False``.
+        differentiable: record the step for autograd (higher-order gradients through it; see
+            :class:`~steadygrad.optim.TransformOptimizer`); not with ``fused`` or ``clip``.
         fused: ``True`` compiles the step over flat buffers (:mod:`steadygrad.kernels.fused`).
         eps_in_sqrt: denominator ``sqrt(s + eps)`` (TensorFlow, optax, d2l).
         clip: a clipping transform applied to the gradients (of all groups together) before the

@@ -39,7 +39,8 @@ class Adam(TransformOptimizer):
         foreach: accepted for compatibility; the list implementation is always used.
         maximize: ascend instead of descend.
         capturable: keep the step counters on the parameters' device (CUDA graphs).
-        differentiable: only ``False``.
+        differentiable: record the step for autograd (higher-order gradients through it; see
+            :class:`~steadygrad.optim.TransformOptimizer`); not with ``fused`` or ``clip``.
         fused: ``True`` compiles the step over flat buffers (:mod:`steadygrad.kernels.fused`).
         decoupled_weight_decay: AdamW's weight decay.
         eps_in_sqrt: denominator ``sqrt(v/(1-β2^t) + eps)`` (optax's ``eps_root``).

@@ -25,6 +25,8 @@ State layout
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Iterable, Mapping
 from operator import is_
 from typing import Any, ClassVar, Literal
@@ -81,9 +83,16 @@ class TransformOptimizer(Optimizer):
     ``add_param_group``) and whenever a structural option of a group changes (``ValueError``
     naming the option, the value and the group).
 
+    ``differentiable=True`` (torch's option, for higher-order gradients through the step, as in
+    meta-learning): the reference step runs with autograd recording it, so the new parameters and
+    state are differentiable with respect to the parameters, gradients, state and tensor
+    hyperparameters (``lr``) they came from. The step keeps its in-place updates; autograd keeps
+    a copy of each tensor a backward formula needs (a ``saved_tensors_hooks`` clone), which costs
+    memory, not correctness. Not with ``fused=True`` (torch's ``RuntimeError``) or ``clip=``
+    (``ValueError``).
+
     Differences from torch.optim: sparse gradients raise ``RuntimeError`` (but for Adagrad, as in
-    torch); ``differentiable=True``
-    is refused. A parameter listed twice in a group gets torch's warning and is stepped twice, as by
+    torch). A parameter listed twice in a group gets torch's warning and is stepped twice, as by
     torch (the numbers are each library's own); ``fused=True`` then takes the reference path.
     """
 
@@ -108,9 +117,15 @@ class TransformOptimizer(Optimizer):
                 f"clip must be a steadygrad Transform (e.g. sg.clip_by_norm(1.0)), not {type(clip).__name__}"
             )
         check_ordered(params, type(self).__name__)
-        if defaults.get("differentiable", False):
-            raise ValueError("differentiable=True is not supported by steadygrad optimizers")
         check_group(self.HYPERPARAMETERS, defaults, None)
+        if defaults.get("differentiable", False):
+            if defaults.get("fused", None):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if clip is not None:
+                raise ValueError(
+                    "differentiable=True with clip=: clipping statistics and coefficients are computed without "
+                    "autograd; clip the gradients in the differentiable graph yourself, or drop clip="
+                )
         # steadygrad's own options only when set away from their defaults: a default optimizer's
         # param_groups (and state_dict) are torch's.
         defaults = {k: v for k, v in defaults.items() if k not in self.EXTRAS or not _is_default(v, self.EXTRAS[k])}
@@ -180,17 +195,18 @@ class TransformOptimizer(Optimizer):
         self._last_program = (options, program, (id(self.clip), self.nonfinite))
         return program
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        program = self.program()
-        if self._fused is not None and self._fused.step(program, self.param_groups, self.state):
-            return loss
-        program.run(self.param_groups, self.state, self._workspace)
+        differentiable = bool(self.defaults.get("differentiable", False))
+        with torch.set_grad_enabled(differentiable), _saved_as_they_were(differentiable):
+            program = self.program()
+            if self._fused is not None and self._fused.step(program, self.param_groups, self.state):
+                return loss
+            program.run(self.param_groups, self.state, None if differentiable else self._workspace)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -321,6 +337,19 @@ class TransformOptimizer(Optimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+
+def _saved_as_they_were(differentiable: bool) -> Any:
+    """With ``differentiable``, autograd keeps a copy of each tensor a backward formula needs,
+    made when it is saved: the step then updates its state and temporaries in place, as the
+    non-differentiable step does, and the graph still holds the values it computed with."""
+    if not differentiable:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(torch.clone, _same_tensor)
+
+
+def _same_tensor(t: Tensor) -> Tensor:
+    return t
 
 
 def _same(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:

@@ -39,7 +39,8 @@ class RMSprop(TransformOptimizer):
         capturable: keep the step counters on the parameters' device (CUDA graphs).
         foreach: accepted for compatibility; the list implementation is always used.
         maximize: ascend instead of descend.
-        differentiable: only ``False``.
+        differentiable: record the step for autograd (higher-order gradients through it; see
+            :class:`~steadygrad.optim.TransformOptimizer`); not with ``fused`` or ``clip``.
         eps_in_sqrt: denominator ``sqrt(v - ḡ² + eps)`` (TensorFlow, optax, d2l).
         clip: a clipping transform applied to the gradients (of all groups together) before the
             update, e.g. ``sg.clip_by_norm(1.0)``; see :class:`~steadygrad.optim.TransformOptimizer`.

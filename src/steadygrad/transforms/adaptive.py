@@ -43,6 +43,7 @@ from ..core.tensorlist import (
     add_scalars_,
     addcmul_,
     bias_correction,
+    copy_,
     host_scalar,
     host_steps,
     new_steps,
@@ -487,7 +488,7 @@ def _sqrt_of(values: list[Tensor], scratch: Scratch | list[Tensor] | None) -> li
     tensors the step owns and no longer needs, or new."""
     if scratch is None or isinstance(scratch, Scratch):
         return compute_into(scratch, torch.sqrt, torch._foreach_sqrt, values)
-    torch._foreach_copy_(scratch, values)
+    copy_(scratch, values)
     torch._foreach_sqrt_(scratch)
     return scratch
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core.gate import clones, select_
-from ..core.tensorlist import mul_scalar_, zeros_like
+from ..core.tensorlist import copy_, mul_scalar_, zeros_like
 from ..core.transform import PLAIN, Dense, EmptyState, Hyper, Transform
 from ..core.validate import check_bool, check_range
 
@@ -66,7 +66,7 @@ class Trace(Transform):
         if self.nesterov:
             torch._foreach_add_(updates, torch._foreach_mul(buf, momentum))
         else:
-            torch._foreach_copy_(updates, buf)
+            copy_(updates, buf)
         return updates, state
 
     def update_pending(self, updates, state, params=None, ctx=PLAIN):
