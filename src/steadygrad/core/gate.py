@@ -24,6 +24,7 @@ from .tensorlist import Scalar, add_scalar_, addcmul_, copy_, dtypes, group_by_d
 __all__ = [
     "advance_",
     "all_finite",
+    "amp_unscale_",
     "clones",
     "combine_gates",
     "commit_select",
@@ -104,6 +105,24 @@ def advance_(counters: Sequence[Tensor], gate: Tensor | None) -> None:
         by_kind.setdefault((c.device, c.dtype), []).append(c)
     for group in by_kind.values():
         torch._foreach_add_(group, gate_increment(gate, group[0]), alpha=1)
+
+
+def amp_unscale_(grads: Sequence[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+    """torch's fused-AMP protocol (``GradScaler.step`` sets ``optimizer.grad_scale`` and
+    ``optimizer.found_inf`` on an optimizer with ``_step_supports_amp_scaling``), as torch's fused
+    kernels consume it: the gradients are divided by ``grad_scale`` in place, unless
+    ``found_inf`` is non-zero, when they stay as they are and the step must change nothing.
+
+    Returns:
+        The commit gate (``found_inf == 0``, a 0-d bool tensor), or ``None`` without ``found_inf``.
+        The division is by 1 (exact) where the gate is closed; nothing is read on the host.
+    """
+    gate = None if found_inf is None else found_inf == 0
+    if grad_scale is not None and grads:
+        divisor = grad_scale if gate is None else torch.where(gate, grad_scale, torch.ones_like(grad_scale))
+        for (device, _), indices in group_by_device_dtype(list(grads)).items():
+            torch._foreach_div_([grads[i] for i in indices], on_device(divisor, device))
+    return gate
 
 
 def all_finite(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:

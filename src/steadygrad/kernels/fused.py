@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.gate import all_finite
+from ..core.gate import all_finite, amp_unscale_, combine_gates
 from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, state_leaves
@@ -248,9 +248,12 @@ class FusedExecutor:
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def step(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> bool:
+    def step(self, program: Any, param_groups: list[dict[str, Any]], store: Any, amp: Any = None) -> bool:
         """One fused step of ``program`` on ``param_groups`` with the state in ``store``;
-        ``False`` if this step must take the reference path."""
+        ``False`` if this step must take the reference path. ``amp``: ``(grad_scale, found_inf)``
+        of torch's fused-AMP protocol, consumed in the compiled step
+        (:func:`~steadygrad.core.gate.amp_unscale_`: unscaling in the same pass, a ``found_inf``
+        step commits nothing)."""
         if self.disabled:
             return False
         if not any(p.grad is not None for group in param_groups for p in group["params"]):
@@ -310,7 +313,7 @@ class FusedExecutor:
         if program.nonfinite == "raise":
             flat_params = [p for g in self.groups for f in g.flats for p in f.params]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
-        new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store))
+        new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store), amp)
         for g, state in zip(self.groups, new_states):
             layout = program.groups[g.index].layout
             shared = Replicated(store, param_groups[g.index]["params"])
@@ -419,10 +422,14 @@ def _step_function(program: Any, indices: list[int], hypers: list[dict[str, Any]
     skip = program.nonfinite == "skip"
     parts = [program.groups[i] for i in indices]
 
-    def step(params, grads, states, clip_state):
+    def step(params, grads, states, clip_state, amp):
+        # GradScaler's grad_scale/found_inf: unscaled in place (the same loop), found_inf gates.
         # nonfinite="skip": the gate from one max-abs reduction over the gradients; every state
         # update and the parameter update select under it, in the same loop.
-        gate = all_finite([g for gr in grads for g in gr]).to(torch.float32) if skip else None
+        flat_grads = [g for gr in grads for g in gr]
+        gate = None if amp is None else amp_unscale_(flat_grads, *amp)
+        gate = combine_gates(gate, all_finite(flat_grads) if skip else None)
+        gate = None if gate is None else gate.to(torch.float32)
         updates = [working_copy(gr, part.maximize) for gr, part in zip(grads, parts)]
         if clip is not None:
             flat_params = [p for ps in params for p in ps]

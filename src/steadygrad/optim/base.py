@@ -138,6 +138,9 @@ class TransformOptimizer(Optimizer):
         super().__init__(params, defaults)
         if defaults.get("fused", None):
             self._fused = FusedExecutor()
+            # torch's fused-AMP protocol: GradScaler.step sets grad_scale/found_inf and leaves
+            # the unscaling and the inf check to the step.
+            self._step_supports_amp_scaling = True
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         """The chain for one parameter group, for the group's structure (called once per
@@ -204,9 +207,10 @@ class TransformOptimizer(Optimizer):
         differentiable = bool(self.defaults.get("differentiable", False))
         with torch.set_grad_enabled(differentiable), _saved_as_they_were(differentiable):
             program = self.program()
-            if self._fused is not None and self._fused.step(program, self.param_groups, self.state):
+            amp = _amp_inputs(self)
+            if self._fused is not None and self._fused.step(program, self.param_groups, self.state, amp):
                 return loss
-            program.run(self.param_groups, self.state, None if differentiable else self._workspace)
+            program.run(self.param_groups, self.state, None if differentiable else self._workspace, amp=amp)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -331,12 +335,22 @@ class TransformOptimizer(Optimizer):
         self._programs = {}
         self._workspace = Workspace()
         self._fused = FusedExecutor() if self.defaults.get("fused", None) else None
+        if self._fused is not None:
+            self._step_supports_amp_scaling = True
         for group in self.param_groups:
             self._complete_group(group)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+
+def _amp_inputs(opt: Optimizer) -> tuple[Tensor | None, Tensor | None] | None:
+    """``(grad_scale, found_inf)`` as ``GradScaler.step`` sets them on an optimizer with
+    ``_step_supports_amp_scaling`` (for the duration of the step), or ``None``."""
+    grad_scale = getattr(opt, "grad_scale", None)
+    found_inf = getattr(opt, "found_inf", None)
+    return None if grad_scale is None and found_inf is None else (grad_scale, found_inf)
 
 
 def _saved_as_they_were(differentiable: bool) -> Any:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..core.dtensor import all_ranks_true, split_shards
-from ..core.gate import all_finite, count_nonfinite
+from ..core.gate import all_finite, amp_unscale_, combine_gates, count_nonfinite
 from ..core.state import Replicated, StateLayout
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, Transform, coarsest_structure
@@ -187,6 +187,7 @@ class StepProgram:
         param_groups: Sequence[Mapping[str, Any]],
         store: MutableMapping[Any, dict],
         workspace: Workspace | None = None,
+        amp: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> None:
         """One step on the parameters' own tensors: grouped foreach operations, state in ``store``
         (``opt.state``), large temporaries in ``workspace`` (on the CPU; see
@@ -194,7 +195,11 @@ class StepProgram:
 
         DTensor parameters (FSDP2) are stepped through their local shards, their layout handed to
         the transforms as ``StepContext.shards`` (:mod:`steadygrad.core.dtensor`): element-wise
-        rules need no communication, norms are all-reduced over the mesh."""
+        rules need no communication, norms are all-reduced over the mesh.
+
+        ``amp``: ``(grad_scale, found_inf)`` of torch's fused-AMP protocol
+        (:func:`~steadygrad.core.gate.amp_unscale_`): the gradients are unscaled in place and a step
+        with ``found_inf`` commits nothing."""
         work = []
         for g, group in zip(self.groups, param_groups):
             params = [p for p in group["params"] if p.grad is not None]
@@ -212,9 +217,11 @@ class StepProgram:
         all_shards = None
         if any(w[4] is not None for w in work):
             all_shards = [s for *_, grads, shards in work for s in (shards or [None] * len(grads))]
-        gate = self.finite_gate(
-            [g for *_, grads, _ in work for g in grads], lambda i: _describe(work, param_groups, i), all_shards
-        )
+        all_grads = [g for *_, grads, _ in work for g in grads]
+        amp_gate = None if amp is None else amp_unscale_(all_grads, *amp)
+        gate = combine_gates(amp_gate, self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards))
+        if gate is not None and gate.dtype == torch.bool:
+            gate = gate.to(torch.float32)
         clipped = None
         if self.clip_layout is not None:
             # Once over the gradients of all groups (a global norm is over all of them); .grad is
