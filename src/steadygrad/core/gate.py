@@ -91,6 +91,10 @@ def gate_increment(gate: Tensor | None, counter: Tensor) -> Scalar:
     counter's device (reading a device gate into a CPU counter is a device-to-host copy)."""
     if gate is None:
         return 1
+    if gate.device.type == "meta" and counter.device.type != "meta":
+        # A step of meta parameters computes shapes only: its gate has no value, and the step
+        # counts, as torch counts its meta steps.
+        return torch.ones((), dtype=counter.dtype, device=counter.device)
     return (on_device(gate, counter.device) != 0).to(counter.dtype)
 
 

@@ -1,0 +1,101 @@
+"""Parameters on the meta device: a step computes the state's shapes only, as torch's does (the
+fused path hands such parameters to the reference path, with a warning), and a model built on
+meta and materialised with ``to_empty`` trains as torch's."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import steadygrad as sg
+
+NAMES = ["Adam", "AdamW", "RMSprop", "Adagrad"]
+
+
+def _meta_step(cls, **options):
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    opt = cls(model.parameters(), lr=0.1, **options)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("options", [{}, {"clip": "norm"}, {"nonfinite": "skip"}], ids=["plain", "clip", "skip"])
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_meta_step_creates_torchs_state_shapes(name, options, fused):
+    options = {**options, "fused": fused}
+    if options.get("clip") == "norm":
+        options["clip"] = sg.clip_by_norm(1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, opt = _meta_step(getattr(sg.optim, name), **options)
+    messages = [str(w.message) for w in caught if "meta device" in str(w.message)]
+    assert len(messages) == (1 if fused else 0)
+    ref_model, ref_opt = _meta_step(getattr(torch.optim, name))
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        ours, theirs = opt.state[p], ref_opt.state[q]
+        assert set(theirs) <= set(ours)
+        for key, value in theirs.items():
+            mine = ours[key]
+            assert (mine.shape, mine.dtype, mine.device) == (value.shape, value.dtype, value.device), key
+        assert all(v.device.type in ("meta", "cpu") for v in ours.values())
+        assert p.device.type == "meta"
+    assert opt.state[model.weight]["step"].item() == ref_opt.state[ref_model.weight]["step"].item() == 1
+
+
+def _train(make_opt, model, steps=3):
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    opt = make_opt(model.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _materialized():
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(6.0).reshape(2, 3) / 10)
+        model.bias.fill_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_model_built_on_meta_trains_after_to_empty(name, fused):
+    ours = _train(lambda ps: getattr(sg.optim, name)(ps, lr=0.1, fused=fused), _materialized())
+    theirs = _train(lambda ps: getattr(torch.optim, name)(ps, lr=0.1), _materialized())
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float32, fused rounding
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])  # lazily created state (not Adagrad's)
+def test_optimizer_made_on_meta_parameters_that_are_swapped_in_place(name):
+    """With torch's swap-on-conversion, ``to_empty`` keeps the Parameter objects: an optimizer
+    made before it (state not yet created) trains as torch's."""
+
+    def run(cls):
+        previous = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            with torch.device("meta"):
+                model = torch.nn.Linear(3, 2)
+            opt = cls(model.parameters(), lr=0.1)
+            model.to_empty(device="cpu")
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(previous)
+        with torch.no_grad():
+            model.weight.copy_(torch.arange(6.0).reshape(2, 3) / 10)
+            model.bias.fill_(0.5)
+        return _train(lambda _: opt, model)
+
+    for a, b in zip(run(getattr(sg.optim, name)), run(getattr(torch.optim, name))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float32, fused rounding
