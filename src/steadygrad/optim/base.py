@@ -255,8 +255,13 @@ class TransformOptimizer(Optimizer):
         sets of keys), and nothing is loaded. Keys only in the checkpoint (state of an option
         switched off since) are kept, as torch keeps them.
         """
-        self._check_loadable(state_dict)
-        super().load_state_dict(state_dict)
+        # The check runs as the last load_state_dict pre-hook: on the state dict as the user's
+        # pre-hooks leave it, before torch loads anything.
+        handle = self.register_load_state_dict_pre_hook(_check_before_loading)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
         self._invalidate()
         program = self.program()
         saved = state_dict["state"]
@@ -343,6 +348,10 @@ class TransformOptimizer(Optimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+
+def _check_before_loading(opt: TransformOptimizer, state_dict: dict[str, Any]) -> None:
+    opt._check_loadable(state_dict)
 
 
 def _amp_inputs(opt: Optimizer) -> tuple[Tensor | None, Tensor | None] | None:

@@ -1,0 +1,269 @@
+"""What torch's own optimizer tests (``TestOptimRenewed``) check of an optimizer, run on
+steadygrad's four classes from torch's test database (``optim_db`` in
+``torch.testing._internal.common_optimizers``, shipped in the wheel): its error inputs, and every
+CPU input with torch's global flags (``fused``, ``differentiable``). The checks are this
+project's own; the inputs and the expected errors are torch's, so a torch release that adds an
+input or changes a message shows up here. Trajectories against torch in float64 are in
+test_optim_parity.py, ``differentiable`` against torch's in test_differentiable.py.
+
+Deliberate differences (docs/optimizers.md): a tensor ``lr``/``betas`` with ``foreach=True`` is
+accepted (torch's foreach kernels cannot take it; steadygrad's ``foreach`` changes nothing).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import pytest
+import torch
+from torch.testing._internal.common_optimizers import (
+    OptimizerErrorEnum,
+    _get_optim_inputs_including_global_cliquey_kwargs,
+    optim_db,
+)
+
+import steadygrad as sg
+
+NAMES = ["Adagrad", "RMSprop", "Adam", "AdamW"]
+INFOS = {name: next(i for i in optim_db if i.optim_cls is getattr(torch.optim, name)) for name in NAMES}
+
+ERRORS = [
+    (name, e)
+    for name in NAMES
+    for e in INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)
+]
+# (optimizer, error input) pairs torch refuses and steadygrad accepts, on purpose.
+ACCEPTED = {
+    ("Adam", "lr as Tensor doesn't work with foreach & not capturable"),
+    ("AdamW", "lr as Tensor doesn't work with foreach & not capturable"),
+    ("Adam", "betas\\[0\\] as a Tensor is not supported for capturable=False and foreach=True"),
+    ("AdamW", "betas\\[0\\] as a Tensor is not supported for capturable=False and foreach=True"),
+}
+INPUTS = [
+    (name, oi.desc, oi.kwargs)
+    for name in NAMES
+    for oi in _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, INFOS[name])
+]
+
+
+def _params(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=dtype)),
+        torch.nn.Parameter(torch.randn(4, generator=g, dtype=dtype)),
+    ]
+
+
+def _pair(name, kwargs, seed=0):
+    ours_params, theirs_params = _params(seed), _params(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = getattr(sg.optim, name)(ours_params, **kwargs)
+        theirs = getattr(torch.optim, name)(theirs_params, **kwargs)
+    return ours_params, ours, theirs_params, theirs
+
+
+def _grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+@pytest.mark.parametrize(("name", "error"), ERRORS, ids=[f"{n}-{e.optimizer_error_input.desc}" for n, e in ERRORS])
+def test_errors_as_torch(name, error):
+    inp = error.optimizer_error_input
+    cls = getattr(sg.optim, name)
+
+    def attempt():
+        if error.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
+            cls(inp.params, **inp.kwargs)
+        else:
+            cls(inp.params, **inp.kwargs).step()
+
+    if (name, inp.desc) in ACCEPTED:
+        cls(_params(), **inp.kwargs).step()  # works: a deliberate difference
+        return
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            attempt()
+    else:
+        with pytest.raises(error.error_type, match=error.error_regex):
+            attempt()
+
+
+def test_the_accepted_differences_are_still_torch_errors():
+    """If torch starts accepting these, the list above (and the docs) should shrink."""
+    descs = {(name, e.optimizer_error_input.desc) for name, e in ERRORS}
+    assert ACCEPTED <= descs
+
+
+@pytest.mark.parametrize(("name", "desc", "kwargs"), INPUTS, ids=[f"{n}-{d}" for n, d, _ in INPUTS])
+def test_param_groups_and_repr_as_torch(name, desc, kwargs):
+    ours_params, ours, _, theirs = _pair(name, kwargs)
+    mine, ref = ours.state_dict()["param_groups"], theirs.state_dict()["param_groups"]
+    assert [sorted(g) for g in mine] == [sorted(g) for g in ref]
+    for a, b in zip(mine, ref):
+        for key in b:
+            if isinstance(b[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+    assert repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize(("name", "desc", "kwargs"), INPUTS, ids=[f"{n}-{d}" for n, d, _ in INPUTS])
+def test_step_without_gradients_changes_nothing(name, desc, kwargs):
+    ours_params, ours, theirs_params, theirs = _pair(name, kwargs)
+    before = [p.detach().clone() for p in ours_params]
+    ours.step()
+    theirs.step()
+    assert all(torch.equal(p, b) for p, b in zip(ours_params, before))
+    for p, q in zip(ours_params, theirs_params):
+        assert set(ours.state[p]) == set(theirs.state[q])  # Adagrad's, made at construction
+
+
+TRAJECTORY_INPUTS = [(n, d, k) for n, d, k in INPUTS if not k.get("differentiable")]  # (leaf parameters)
+
+
+@pytest.mark.parametrize(
+    ("name", "desc", "kwargs"), TRAJECTORY_INPUTS, ids=[f"{n}-{d}" for n, d, _ in TRAJECTORY_INPUTS]
+)
+def test_zero_gradients_step_as_torch(name, desc, kwargs):
+    ours_params, ours, theirs_params, theirs = _pair(name, kwargs)
+    for _ in range(2):
+        for params, opt in ((ours_params, ours), (theirs_params, theirs)):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+    for p, q in zip(ours_params, theirs_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("name", "desc", "kwargs"), TRAJECTORY_INPUTS, ids=[f"{n}-{d}" for n, d, _ in TRAJECTORY_INPUTS]
+)
+def test_float32_steps_as_torch(name, desc, kwargs):
+    """Every CPU input, fused=True included (torch's fused CPU kernels on its side), float32."""
+    ours_params, ours, theirs_params, theirs = _pair(name, kwargs)
+    for step in range(5):
+        for params, opt in ((ours_params, ours), (theirs_params, theirs)):
+            _grads(params, step)
+            opt.step()
+    for p, q in zip(ours_params, theirs_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=1e-7)
+        for key, value in theirs.state[q].items():
+            torch.testing.assert_close(ours.state[p][key], value, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1d", "2d"])
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_tensor_lr_of_any_single_element_shape(name, shape, fused):
+    """As torch's test_tensor_lr: an lr tensor of 0, 1 or 2 dimensions steps as the number."""
+    number = _params()
+    tensor = _params()
+    opt_n = getattr(sg.optim, name)(number, lr=0.01, fused=fused)
+    opt_t = getattr(sg.optim, name)(tensor, lr=torch.full(shape, 0.01), fused=fused)
+    for step in range(4):
+        for params, opt in ((number, opt_n), (tensor, opt_t)):
+            _grads(params, step)
+            opt.step()
+    for a, b in zip(number, tensor):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_loads_with_weights_only(name):
+    """torch.load(weights_only=True), the default since torch 2.6, reads the state dict, and the
+    run continues as if never stopped."""
+    params, opt = _params(), None
+    opt = getattr(sg.optim, name)(params, lr=0.01)
+    for step in range(2):
+        _grads(params, step)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = getattr(sg.optim, name)(twins, lr=0.01)
+    resumed.load_state_dict(loaded)
+    for params_, opt_ in ((params, opt), (twins, resumed)):
+        _grads(params_, 2)
+        opt_.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twins))
+
+
+def test_global_and_instance_hooks():
+    """torch's step hooks (global and per optimizer) and state-dict hooks, in torch's order; a
+    load_state_dict pre-hook may rewrite the state dict before steadygrad checks it."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    params = _params()
+    opt = sg.optim.Adam(params, lr=0.01)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post")),
+    ]
+    try:
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        _grads(params, 0)
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global pre", "pre", "post", "global post"]
+
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    saved = opt.state_dict()
+    assert saved["extra"] == 1 and calls[-1] == "sd pre"
+
+    good = saved["state"]
+    broken = {"state": {0: {k: v.reshape(-1)[:1] if v.dim() else v for k, v in good[0].items()}, 1: good[1]}}
+    broken["param_groups"] = saved["param_groups"]
+
+    def repair(o, sd):
+        return {"state": good, "param_groups": sd["param_groups"]}
+
+    fresh = sg.optim.Adam(_params(), lr=0.01)
+    with pytest.raises(ValueError, match="shape"):
+        fresh.load_state_dict(broken)
+    fresh.register_load_state_dict_pre_hook(repair)
+    fresh.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    fresh.load_state_dict(broken)
+    assert calls[-1] == "load post"
+    assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"], good[0]["exp_avg"])
+
+
+def test_sparse_rosenbrock_as_torch():
+    """torch's sparse Rosenbrock check for Adagrad (its ``metadata_for_sparse``): the sparse and
+    the dense problem give the same path, for steadygrad as for torch."""
+    kwargs, _ = INFOS["Adagrad"].metadata_for_sparse
+
+    def rosenbrock(cls, sparse):
+        x = torch.tensor([1.5, 1.5], requires_grad=True)
+        opt = cls([x], **kwargs)
+        for i in range(10):
+            opt.zero_grad()
+            loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+            loss.backward()
+            if sparse:
+                j = i % 2  # one coordinate at a time, as a sparse gradient
+                x.grad = torch.sparse_coo_tensor(torch.tensor([[j]]), x.grad[j : j + 1], (2,), check_invariants=True)
+            opt.step()
+        return x.detach()
+
+    for sparse in (False, True):
+        torch.testing.assert_close(rosenbrock(sg.optim.Adagrad, sparse), rosenbrock(torch.optim.Adagrad, sparse))
+
+
+def test_every_torch_input_is_covered():
+    assert len(ERRORS) >= 30 and len(INPUTS) >= 60
+    assert {n for n, *_ in INPUTS} == set(NAMES)
+    assert any(k.get("fused") for *_, k in INPUTS) and any(k.get("differentiable") for *_, k in INPUTS)
+    assert all(re.compile(e.error_regex) for _, e in ERRORS)
