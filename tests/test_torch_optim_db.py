@@ -267,3 +267,20 @@ def test_every_torch_input_is_covered():
     assert {n for n, *_ in INPUTS} == set(NAMES)
     assert any(k.get("fused") for *_, k in INPUTS) and any(k.get("differentiable") for *_, k in INPUTS)
     assert all(re.compile(e.error_regex) for _, e in ERRORS)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1d", "2d"])
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_tensor_betas_of_any_single_element_shape(name, shape, fused):
+    number = _params()
+    tensor = _params()
+    opt_n = getattr(sg.optim, name)(number, lr=0.01, betas=(0.8, 0.95), fused=fused)
+    betas = (torch.full(shape, 0.8), torch.full(shape, 0.95))
+    opt_t = getattr(sg.optim, name)(tensor, lr=0.01, betas=betas, fused=fused)
+    for step in range(4):
+        for params, opt in ((number, opt_n), (tensor, opt_t)):
+            _grads(params, step)
+            opt.step()
+    for a, b in zip(number, tensor):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
