@@ -95,3 +95,26 @@ def test_skip_nonfinite_optimizer_skips_a_nan_step_without_trace(name):
     assert not any(torch.isnan(p).any() for p in params_b)
     # everything as if the NaN step had not happened, but skip_nonfinite's own count of it
     assert_same_run(params_b, opt_b, params_a, opt_a, rtol=0.0, ignore=("group.total",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("size", [10, 20_000], ids=["foreach", "aminmax"])
+@pytest.mark.parametrize("bad", [None, float("inf"), float("-inf"), float("nan")], ids=["finite", "inf", "-inf", "nan"])
+def test_all_finite_on_large_and_small_tensors(dtype, size, bad):
+    """Both ways of finding the extremes (aminmax from 16384 elements, a foreach infinity norm
+    below) see +inf, -inf and NaN anywhere, next to complex and other-dtype tensors."""
+    from steadygrad.core.gate import all_finite, count_nonfinite
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(size, generator=g).to(dtype),
+        torch.randn(3, dtype=torch.complex64, generator=g),
+        torch.randn(7, generator=g).to(dtype),
+    ]
+    if bad is not None:
+        tensors[0][size // 3] = bad
+    ok = all_finite(tensors)
+    assert ok.dtype == torch.bool and bool(ok) == (bad is None)
+    assert int(count_nonfinite(tensors)) == (0 if bad is None else 1)
+    # A finite float64 extreme beyond float32's range is finite.
+    assert bool(all_finite([torch.full((size,), 1e300, dtype=torch.float64), torch.ones(2)]))

@@ -31,7 +31,13 @@ def _backward(model, idx) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"lr_decay": 0.1}, {"maximize": True}, {"initial_accumulator_value": 0.5, "eps": 1e-3}, {"lr": torch.tensor(0.2, dtype=F64)}],
+    [
+        {},
+        {"lr_decay": 0.1},
+        {"maximize": True},
+        {"initial_accumulator_value": 0.5, "eps": 1e-3},
+        {"lr": torch.tensor(0.2, dtype=F64)},
+    ],
     ids=["default", "lr_decay", "maximize", "init_eps", "tensor_lr"],
 )
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])

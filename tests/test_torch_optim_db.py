@@ -29,11 +29,7 @@ import steadygrad as sg
 NAMES = ["Adagrad", "RMSprop", "Adam", "AdamW"]
 INFOS = {name: next(i for i in optim_db if i.optim_cls is getattr(torch.optim, name)) for name in NAMES}
 
-ERRORS = [
-    (name, e)
-    for name in NAMES
-    for e in INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)
-]
+ERRORS = [(name, e) for name in NAMES for e in INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)]
 # (optimizer, error input) pairs torch refuses and steadygrad accepts, on purpose.
 ACCEPTED = {
     ("Adam", "lr as Tensor doesn't work with foreach & not capturable"),

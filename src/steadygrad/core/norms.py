@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from .dtensor import ShardSpec, local_tensor, split_shards
-from .tensorlist import any_empty, devices, dtypes, group_by_device_dtype, types
+from .tensorlist import any_empty, devices, dtypes, group_by_device_dtype, host_readable, types
 from .validate import check_range
 
 __all__ = [
@@ -87,7 +87,6 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
 _PLAIN_TYPES = (Tensor, Parameter)
 _PLAIN_TYPES_SET = frozenset(_PLAIN_TYPES)
 _DOUBLE = (torch.float64, torch.complex128)
-_CPU = torch.device("cpu")
 
 
 def check_norm_type(norm_type: Any) -> float:
@@ -323,9 +322,7 @@ def total_norm(
     return total.to(dtype)
 
 
-def _combine(
-    norms: list[Tensor], specs: list, p: float, group: Any, device: torch.device, *, wide: bool
-) -> Tensor:
+def _combine(norms: list[Tensor], specs: list, p: float, group: Any, device: torch.device, *, wide: bool) -> Tensor:
     """The norm of all tensors from their norms: the partial (sum of n^p, or max) of the tensors
     this rank holds whole (plain tensors, fully replicated DTensors), plus one partial per (mesh,
     sharded mesh dims) all-reduced over those dims, then all-reduced over ``group``. Partials are
@@ -546,12 +543,7 @@ def _checked_on_host(tensors: Sequence[Tensor], p: float) -> bool:
     """Whether overflow of these tensors' p-norms is checked on the host afterwards
     (:func:`_overflowed`): plain CPU tensors outside ``torch.compile``, whose values are read at
     no device sync. Otherwise their norms are accumulated wide (:func:`_local_norms`)."""
-    return (
-        _squares(p)
-        and not torch.compiler.is_compiling()
-        and devices(tensors) == {_CPU}
-        and types(tensors) <= _PLAIN_TYPES_SET
-    )
+    return _squares(p) and host_readable(tensors)
 
 
 def _squares(p: float) -> bool:

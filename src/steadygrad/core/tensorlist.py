@@ -30,6 +30,7 @@ __all__ = [
     "dtypes",
     "from_real",
     "group_by_device_dtype",
+    "host_readable",
     "host_scalar",
     "host_steps",
     "mul_scalar_",
@@ -223,6 +224,18 @@ def _bias_correction_op(beta: Tensor, steps: list[Tensor], offset: int) -> list[
 @_bias_correction_op.register_fake
 def _(beta: Tensor, steps: list[Tensor], offset: int) -> list[Tensor]:
     return [torch.empty((), dtype=torch.float64, device=s.device) for s in steps]
+
+
+_CPU = torch.device("cpu")
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+
+
+def host_readable(tensors: Sequence[Tensor]) -> bool:
+    """Whether a value computed from these tensors can be read on the host at no device sync:
+    plain CPU tensors (or parameters) outside ``torch.compile``. Helpers that take a cheaper
+    path once they know a value (the norms' overflow pass, a Clipper's count of non-finite
+    elements) read it only then; elsewhere they stay branch-free."""
+    return not torch.compiler.is_compiling() and devices(tensors) == {_CPU} and types(tensors) <= _PLAIN
 
 
 def host_scalar(value: Scalar) -> float | None:

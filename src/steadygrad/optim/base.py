@@ -26,7 +26,6 @@ State layout
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Callable, Iterable, Mapping
 from operator import is_
 from typing import Any, ClassVar, Literal

@@ -219,7 +219,8 @@ class StepProgram:
             all_shards = [s for *_, grads, shards in work for s in (shards or [None] * len(grads))]
         all_grads = [g for *_, grads, _ in work for g in grads]
         amp_gate = None if amp is None else amp_unscale_(all_grads, *amp)
-        gate = combine_gates(amp_gate, self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards))
+        finite = self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards)
+        gate = combine_gates(amp_gate, finite)
         if gate is not None and gate.dtype == torch.bool:
             gate = gate.to(torch.float32)
         clipped = None

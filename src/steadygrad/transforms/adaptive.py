@@ -187,7 +187,7 @@ def rss_sparse_update_(
     t = float(step)
     rate = float(lr) / (1 + (t - 1) * float(lr_decay))
     g = (grad.neg() if maximize else grad).coalesce()
-    indices, values = g._indices(), g._values()
+    values = g._values()
     sums.add_(_like_sparse(g, values.pow(2)))
     rows = sums.sparse_mask(g)._values()
     den = rows.add(eps).sqrt_() if eps_in_sqrt else rows.sqrt().add_(eps)

@@ -133,7 +133,9 @@ class ClipByUnitRatio(Transform):
                 "clip_by_unit_ratio needs the parameters (the weight norms): update(updates, state, params)"
             )
         updates, fraction = unit_ratio_clip_update(
-            updates, params, clip_factor=ctx.value(self.clip_factor),
+            updates,
+            params,
+            clip_factor=ctx.value(self.clip_factor),
             eps=ctx.value(self.eps),
             shards=ctx.shards,
             complex_views=ctx.complex_views,
