@@ -123,9 +123,15 @@ def test_parameters_gradients_and_state_become_views_of_flat_buffers(eager_fused
     exp_avg = opt.state[params[0]]["exp_avg"]
     assert exp_avg.untyped_storage().data_ptr() == f64.full["exp_avg"].untyped_storage().data_ptr()
     assert f32.param_buf.dtype == torch.float32 and len(f32.params) == 1
-    # zero_grad keeps the views and zeroes them
+    # zero_grad(set_to_none=False) keeps the views and zeroes them; a gradient that is None stays None
+    params[1].grad = None
+    opt.zero_grad(set_to_none=False)
+    assert params[1].grad is None
+    assert all(p.grad is v for p, v in zip(f64.params, f64.grad_views) if p is not params[1])
+    assert not f64.grad_buf.any()
+    # zero_grad() sets them to None, as torch's
     opt.zero_grad()
-    assert all(p.grad is v for p, v in zip(f64.params, f64.grad_views)) and not f64.grad_buf.any()
+    assert all(p.grad is None for p in params)
 
 
 def test_gradients_set_to_none_by_the_model_are_adopted(eager_fused):

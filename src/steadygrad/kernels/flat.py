@@ -38,8 +38,6 @@ def ineligibility(p: Tensor) -> str | None:
     """Why ``p`` cannot live in a flat buffer, or ``None`` if it can."""
     if not p.dtype.is_floating_point:
         return f"dtype {p.dtype} (complex and integer parameters take the reference path)"
-    if p.device.type == "meta":
-        return "parameters on the meta device (no data to lay out; the reference path creates the state's shapes)"
     if p.is_sparse or p.layout != torch.strided:
         return "a sparse or non-strided parameter"
     if not p.is_contiguous():

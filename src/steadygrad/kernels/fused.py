@@ -179,6 +179,12 @@ class FusedExecutor:
             if len({id(p) for p in params}) != len(params):
                 return "a parameter listed twice in a group"
             for p in params:
+                if p.device.type == "meta":  # torch's error, before any state exists
+                    raise RuntimeError(
+                        "`fused=True` requires all the params to be floating point Tensors of supported devices "
+                        "(cpu, cuda, ...), and a parameter is on the meta device (no data): materialise it first "
+                        "(module.to_empty), or use fused=False for a step that only creates the state's shapes"
+                    )
                 reason = ineligibility(p) or _sparse_gradient(p)
                 if reason:
                     return reason
@@ -239,12 +245,15 @@ class FusedExecutor:
                         ti.fill_(vi)
 
     def zero_grad(self) -> None:
-        """Zeroes the flat gradient buffers in place and points ``.grad`` back at them."""
+        """``zero_grad(set_to_none=False)``: zeroes the flat gradient buffers in place and points
+        each ``.grad`` that is not ``None`` back at its view (one that is ``None`` stays so, as
+        torch leaves it)."""
         for g in self.groups or ():
             for flat in g.flats:
                 flat.grad_buf.zero_()
                 for p, view in zip(flat.params, flat.grad_views):
-                    p.grad = view
+                    if p.grad is not None and p.grad is not view:
+                        p.grad = view
 
     # ---- the step ------------------------------------------------------------------------------
 

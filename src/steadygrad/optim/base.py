@@ -213,11 +213,13 @@ class TransformOptimizer(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's, except that with ``fused=True`` the gradients of the flat parameters are
-        zeroed in their buffer and stay views into it (``set_to_none`` does not apply to them:
-        autograd then accumulates into the buffer, which the fused step reads)."""
+        """torch's. With ``fused=True`` and ``set_to_none=False`` the gradients of the flat
+        parameters are zeroed in their buffer and stay views into it (autograd then accumulates
+        into the buffer, which the fused step reads: no copy); with ``set_to_none=True`` (the
+        default) they are ``None`` as with torch, and the next step copies the new gradients
+        into the buffer."""
         super().zero_grad(set_to_none)
-        if self._fused is not None:
+        if self._fused is not None and not set_to_none:
             self._fused.zero_grad()
 
     # ---- state ----------------------------------------------------------------------------------------
