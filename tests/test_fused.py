@@ -446,3 +446,46 @@ def test_autoclip_compiled_by_hand_grows_by_a_slot_per_call():
     for i in range(70):
         _, state = step([torch.full((4,), float(i + 1))], state)
     assert int(state.num_norms) == 70 and int(torch.isfinite(state.norm_history).sum()) == 70
+
+
+@pytest.mark.parametrize(
+    "edit", ["step in place", "step replaced", "exp_avg replaced", "exp_avg in place", "steps set apart"]
+)
+def test_state_edited_by_the_user_is_what_the_next_step_reads(eager_fused, edit):
+    """torch reads opt.state at every step: a warm restart that zeroes `step`, or a moment
+    replaced or reset, changes the next step. The fused path notices (identity checks of the
+    entries, the counters' version) and lays its buffers out again or re-reads the counters;
+    counters set apart hand over to the reference path (one warning)."""
+
+    def run(make):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, dtype=torch.float64)) for _ in range(3)]
+        opt = make(params)
+        for i in range(4):
+            for p in params:
+                p.grad = torch.randn(5, dtype=torch.float64)
+            opt.step()
+            if i == 1:
+                for k, p in enumerate(params):
+                    state = opt.state[p]
+                    if edit == "step in place":
+                        state["step"].zero_()
+                    elif edit == "step replaced":
+                        state["step"] = torch.tensor(0.0)
+                    elif edit == "exp_avg replaced":
+                        state["exp_avg"] = torch.ones(5, dtype=torch.float64)
+                    elif edit == "exp_avg in place":
+                        state["exp_avg"].mul_(-1)
+                    else:
+                        state["step"].fill_(k)
+        return params, opt
+
+    theirs, ref = run(lambda ps: torch.optim.Adam(ps, lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours, opt = run(lambda ps: sg.optim.Adam(ps, lr=0.1, fused=True))
+    handed_over = [w for w in caught if "different numbers of steps" in str(w.message)]
+    assert len(handed_over) == (1 if edit == "steps set apart" else 0)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=0)
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item()

@@ -74,6 +74,10 @@ class FlatGroup:
     full: dict[str, Tensor] = field(default_factory=dict)  # key -> buffer like param_buf
     scalar: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per parameter
     counters: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per class
+    # What the optimizer's state holds, to notice a user's edits (state_intact, counters_written):
+    entries: dict[str, list[Tensor]] = field(default_factory=dict)  # key -> the per-parameter views
+    dicts: list[dict] = field(default_factory=list)  # store[p] per parameter
+    versions: dict[str, int] = field(default_factory=dict)  # key -> scalar buffer's version
 
     # ---- building ------------------------------------------------------------------------------
 
@@ -150,6 +154,9 @@ class FlatGroup:
                         store[p][key] = buf[i]
                     group.scalar[key] = buf
                     group.counters[key] = buf[:1].repeat(len(classes))
+            group.dicts = [store[p] for p in params]
+            group.entries = {key: [d[key] for d in group.dicts] for key in kinds}
+            group.record_versions()
         return group
 
     # ---- views ---------------------------------------------------------------------------------
@@ -193,6 +200,25 @@ class FlatGroup:
         """Whether a parameter has no gradient (``.grad is None``): it must not be stepped."""
         return any(map(operator.is_, map(_GRAD, self.params), repeat(None)))
 
+    def state_intact(self) -> bool:
+        """Whether every state entry is still the view the buffers hold (a user who assigns
+        ``opt.state[p][key] = ...`` replaces it). C-level identity checks, one pass per key."""
+        try:
+            return all(
+                all(map(operator.is_, map(operator.getitem, self.dicts, repeat(key)), views))
+                for key, views in self.entries.items()
+            )
+        except KeyError:  # an entry was deleted
+            return False
+
+    def counters_written(self) -> bool:
+        """Whether a per-parameter counter (``opt.state[p]["step"]``) was written in place since
+        the last step published them (its buffer's version counter moved)."""
+        return any(buf._version != self.versions[key] for key, buf in self.scalar.items())
+
+    def record_versions(self) -> None:
+        self.versions = {key: buf._version for key, buf in self.scalar.items()}
+
     def sync_counters(self) -> bool:
         """After steps that did not advance every parameter (the reference path stepped those
         with a gradient): the class counters again from the per-parameter ones if these still
@@ -225,3 +251,4 @@ class FlatGroup:
             if len(counters) > 1:
                 counters[1:].copy_(counters[:1].expand(len(counters) - 1))
             buf.copy_(counters[:1].expand_as(buf))
+        self.record_versions()

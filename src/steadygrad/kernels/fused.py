@@ -282,14 +282,17 @@ class FusedExecutor:
             if reason:
                 return self._give_up(reason)
         assert self.groups is not None
-        if not all(f.holds_data() for g in self.groups for f in g.flats):
-            # A parameter's data was replaced: the buffers are laid out again from the tensors
-            # as they are now (the new values, the state entries still in the old buffers).
+        if not all(f.holds_data() and f.state_intact() for g in self.groups for f in g.flats):
+            # A parameter's data or a state entry was replaced (``p.data = ...``,
+            # ``opt.state[p]["exp_avg"] = ...``): the buffers are laid out again from the
+            # tensors as they are now.
             self.invalidate()
             reason = self._build(program, param_groups, store)
             if reason:
                 return self._give_up(reason)
         flats = [f for g in self.groups for f in g.flats]
+        if any(f.counters_written() for f in flats):
+            self._diverged = True  # opt.state[p]["step"] written in place: the counters follow it
         replaced = [f for f in flats if not f.gradients_in_place()]
         for f in replaced:
             reason = next(filter(None, map(_sparse_gradient, f.params)), None)
@@ -303,7 +306,8 @@ class FusedExecutor:
         if self._diverged:
             if not all(f.sync_counters() for f in flats):
                 return self._give_up(
-                    "the parameters have taken different numbers of steps (some had no gradient at a step)"
+                    "the parameters have taken different numbers of steps (some had no gradient at a step, or "
+                    "their step counters were set apart)"
                 )
             self._diverged = False
         # A parameter outside the flat buffers that now has a gradient changes the layout: it is
