@@ -5,6 +5,8 @@ GradScaler (RMSprop: torch's, which GradScaler unscales itself)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -103,3 +105,46 @@ def test_found_inf_with_nonfinite_skip():
     assert opt.state[p]["step"].item() == 1
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.9))
     torch.testing.assert_close(p.grad, torch.ones(3))
+
+
+def test_sparse_gradients_under_grad_scaler_equal_torch():
+    """fused=True hands sparse gradients to the reference rule, which unscales them and skips
+    the inf step; torch's Adagrad (not fused: GradScaler unscales for it) is the oracle."""
+
+    def train(make_opt):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(6, 2, sparse=True)
+        opt = make_opt(emb.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for step in range(4):
+            opt.zero_grad()
+            loss = emb(torch.tensor([0, 2, 2])).pow(2).sum()
+            if step == 1:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scaler.step(opt)
+            scaler.update()
+        return emb.weight.detach(), opt
+
+    ours, opt = train(lambda ps: sg.optim.Adagrad(ps, lr=0.1, fused=True))
+    theirs, ref = train(lambda ps: torch.optim.Adagrad(ps, lr=0.1))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    p = next(iter(opt.state))
+    assert opt.state[p]["step"].item() == next(iter(ref.state.values()))["step"].item() == 3
+
+
+@pytest.mark.parametrize("reference_path", [False, True], ids=["fused", "fallback"])
+def test_raise_does_not_raise_at_a_step_grad_scaler_skips(reference_path):
+    """nonfinite="raise" checks the gradients of steps that happen: GradScaler's inf step is
+    skipped (as GradScaler skips step() for an optimizer without the protocol), not raised."""
+    ours = _train(lambda ps: sg.optim.Adam(ps, lr=0.01, fused=True, nonfinite="raise"), reference_path=reference_path)
+    theirs = _train(lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True))
+    for a, b in zip(ours["params"], theirs["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = sg.optim.Adam([p], fused=True, nonfinite="raise")
+    p.grad = torch.tensor([1.0, float("nan")])
+    with pytest.raises(RuntimeError, match="non-finite gradient"):
+        opt.step()  # without GradScaler's verdict, the check is the optimizer's

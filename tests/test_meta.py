@@ -1,6 +1,6 @@
-"""Parameters on the meta device: a step computes the state's shapes only, as torch's does (the
-fused path hands such parameters to the reference path, with a warning), and a model built on
-meta and materialised with ``to_empty`` trains as torch's."""
+"""Parameters on the meta device: a step computes the state's shapes only, as torch's does
+(``fused=True`` raises torch's RuntimeError before any state exists), and a model built on meta
+and materialised with ``to_empty`` trains as torch's."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ def _meta_step(cls, **options):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("options", [{}, {"clip": "norm"}, {"nonfinite": "skip"}], ids=["plain", "clip", "skip"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"clip": "norm"}, {"nonfinite": "skip"}, {"nonfinite": "raise"}],
+    ids=["plain", "clip", "skip", "raise"],
+)
 def test_meta_step_creates_torchs_state_shapes(name, options):
     if options.get("clip") == "norm":
         options = {"clip": sg.clip_by_norm(1.0)}

@@ -106,6 +106,20 @@ def _check_process_group(rank):
         tensor_norms([q.grad for q in mine])
     assert counter.calls == 0
 
+    # overflow: float32 values whose squares overflow on one rank, nothing (or inf) on the
+    # other; the pass that rescales is decided before the one all-reduce, so the ranks' calls
+    # pair up (the next collective gets what it expects)
+    huge = [torch.full((3,), 3e19)] if rank == 1 else []
+    with _CountingAllReduce() as counter:
+        got = total_norm(huge, 2.0, world)
+    assert counter.calls == 1
+    torch.testing.assert_close(got.double(), torch.tensor(3e19 * math.sqrt(3), dtype=torch.float64), rtol=1e-6, atol=0)
+    bad = [torch.tensor([1.0, INF])] if rank == 1 else []
+    assert total_norm(bad, 2.0, world).isinf()
+    check = torch.arange(3.0)
+    dist.all_reduce(check)
+    assert check.tolist() == [0.0, 2.0, 4.0]
+
 
 def _check_dtensor(rank):
     from torch.distributed.device_mesh import init_device_mesh

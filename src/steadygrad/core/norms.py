@@ -13,7 +13,8 @@ Every norm in steadygrad comes from here, so that all of them follow the same ru
   ``torch.compile``, tensor subclasses) the sum is accumulated in float64 (``mps``, which has
   no float64, keeps float32); norms are then combined across tensors scaled by the largest.
   Across ranks partials are float64 sums of :math:`n^p`, which overflow only beyond float64's
-  range (e.g. a float32 norm of 3e38 at ``p > 8``).
+  range (e.g. a float32 norm of 3e38 at ``p > 8``). AGC's row norms (:func:`reduced_norms`) stay
+  float32 on accelerators in eager mode.
 * **p-norms.** ``norm_type`` is a real ``p > 0`` or ``inf`` (see :func:`check_norm_type`):
   :math:`\\|x\\|_p = (\\sum_i |x_i|^p)^{1/p}` and :math:`\\|x\\|_\\infty = \\max_i |x_i|`, over the
   complex values themselves for complex tensors (as ``torch.linalg.vector_norm``). The norm of a
@@ -212,8 +213,10 @@ def reduced_norms(tensors: Sequence[Tensor], dims: Sequence[tuple[int, ...] | No
 
     ``dims[i]`` lists the dimensions to reduce of ``tensors[i]`` (``None``: all of them, the
     result of shape ``(1,) * ndim``). Accumulated and returned in :func:`norm_dtype`, without
-    overflow as :func:`tensor_norms` (float32 pass and a scaled second pass for the tensors that
-    overflowed on the CPU in eager mode; float64 accumulation elsewhere). Local tensors only
+    overflow on the CPU in eager mode (float32 pass, a scaled second pass for the tensors that
+    overflowed) and under ``torch.compile`` (float64 accumulation). On accelerators in eager
+    mode the sums are float32 (a float64 accumulation would copy every tensor first): a row
+    whose squares exceed float32's range (values beyond ~1.8e19) has norm inf. Local tensors only
     (no DTensor reduction): the caller all-reduces what is split across ranks.
     """
     tensors = list(tensors)
@@ -227,7 +230,9 @@ def reduced_norms(tensors: Sequence[Tensor], dims: Sequence[tuple[int, ...] | No
     out = []
     for t, d in zip(tensors, dims):
         cast = None if wide_dtype(t.dtype) == t.dtype else wide_dtype(t.dtype)
-        if not checked and t.dtype not in _DOUBLE and t.device.type != "mps":
+        if torch.compiler.is_compiling() and t.dtype not in _DOUBLE and t.device.type != "mps":
+            # (inductor fuses the cast into the reduction; eager kernels would copy the tensor
+            # to float64 first, so eager accelerators keep float32 here)
             cast = torch.complex128 if t.dtype.is_complex else torch.float64
         n = norm(t, d, cast)
         out.append(n if n.dtype == norm_dtype(t.dtype) else n.to(norm_dtype(t.dtype)))
@@ -315,9 +320,13 @@ def total_norm(
         dtype = torch.promote_types(dtype, norm_dtype(other))
     checked = _checked_on_host(locals_, p)
     norms = _local_norms(locals_, p, foreach, wide=not checked)
+    distributed = group is not None or any(s and s[1] for s in specs)
+    if checked and distributed and _overflowed(norms):
+        # Decided from this rank's values before any collective: every rank then all-reduces
+        # once (float64 partials, which do not overflow for p <= 8).
+        norms = _rescaled(locals_, norms, p)
     total = _combine(norms, specs, p, group, tensors[0].device, wide=False)
-    # A non-finite total on every rank alike (it is all-reduced), so all ranks take this branch.
-    if checked and _overflowed([total]):
+    if checked and not distributed and _overflowed([total]):  # no collective in _combine here
         total = _combine(_rescaled(locals_, norms, p), specs, p, group, tensors[0].device, wide=True)
     return total.to(dtype)
 

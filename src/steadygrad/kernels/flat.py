@@ -232,14 +232,14 @@ class FlatGroup:
     def adopt_gradients(self) -> None:
         """Brings gradients that were replaced (``zero_grad(set_to_none=True)`` of a module, a
         hook assigning ``.grad``) back into the buffer and re-points ``.grad`` at it."""
-        for p, view in zip(self.params, self.grad_views):
-            grad = p.grad
-            if grad is not view:
-                with torch.no_grad():
-                    if grad is None:
-                        view.zero_()
-                    else:
-                        view.copy_(grad)
+        moved = [(p, view) for p, view in zip(self.params, self.grad_views) if p.grad is not view]
+        with torch.no_grad():
+            given = [(view, p.grad) for p, view in moved if p.grad is not None]
+            if given:
+                torch._foreach_copy_([v for v, _ in given], [g for _, g in given])
+            for p, view in moved:
+                if p.grad is None:
+                    view.zero_()
                 p.grad = view
 
     def publish_counters(self) -> None:

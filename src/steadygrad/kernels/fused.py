@@ -323,7 +323,9 @@ class FusedExecutor:
             self._refresh(param_groups[g.index], g.tensors)
         for flat in replaced:
             flat.adopt_gradients()
-        if program.nonfinite == "raise":
+        found_inf = None if amp is None else amp[1]
+        if program.nonfinite == "raise" and not (found_inf is not None and bool(found_inf != 0)):
+            # (GradScaler's inf step is skipped inside the kernel, not raised)
             flat_params = [p for g in self.groups for f in g.flats for p in f.params]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
         new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store), amp)

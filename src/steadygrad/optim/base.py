@@ -258,11 +258,18 @@ class TransformOptimizer(Optimizer):
         """
         # The check runs as the last load_state_dict pre-hook: on the state dict as the user's
         # pre-hooks leave it, before torch loads anything.
-        handle = self.register_load_state_dict_pre_hook(_check_before_loading)
+        seen: list[dict[str, Any]] = []
+
+        def check(opt: TransformOptimizer, hooked: dict[str, Any]) -> None:
+            opt._check_loadable(hooked)
+            seen.append(hooked)
+
+        handle = self.register_load_state_dict_pre_hook(check)
         try:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
+        state_dict = seen[-1]  # what torch loaded: the pre-hooks' result
         self._invalidate()
         program = self.program()
         saved = state_dict["state"]
@@ -349,10 +356,6 @@ class TransformOptimizer(Optimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
-
-
-def _check_before_loading(opt: TransformOptimizer, state_dict: dict[str, Any]) -> None:
-    opt._check_loadable(state_dict)
 
 
 def _amp_inputs(opt: Optimizer) -> tuple[Tensor | None, Tensor | None] | None:

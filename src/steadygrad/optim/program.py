@@ -137,6 +137,8 @@ class StepProgram:
         if self.nonfinite == "ignore":
             return None
         ok = all_ranks_true(all_finite(grads), shards)
+        if ok.device.type == "meta":  # a step of meta parameters: no values to check
+            return None
         if self.nonfinite == "skip":
             return ok.to(torch.float32)
         if not bool(ok):  # the documented host read
@@ -161,10 +163,18 @@ class StepProgram:
         return coarsest_structure(*parts)
 
     def _step_sparse(
-        self, g: GroupStep, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor], store: Any
+        self,
+        g: GroupStep,
+        group: Mapping[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        store: Any,
+        amp: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> list[Tensor]:
         """Steps the parameters with sparse gradients by the optimizer's sparse rule; returns the
-        others (dense gradients), for the program."""
+        others (dense gradients), for the program. With GradScaler's ``amp``: a ``found_inf``
+        step skips them (read on the host, as the sparse rule reads its ``step``), else their
+        values are unscaled in place first."""
         if self.sparse is None:
             raise RuntimeError(
                 "this steadygrad optimizer does not support sparse gradients; use steadygrad.optim.Adagrad, "
@@ -176,9 +186,17 @@ class StepProgram:
                 "do not support them (dense gradients only)"
             )
         sparse = [p for p, grad in zip(params, grads) if grad.is_sparse]
+        dense = [p for p, grad in zip(params, grads) if not grad.is_sparse]
+        grad_scale, found_inf = amp if amp is not None else (None, None)
+        if found_inf is not None and bool(found_inf != 0):
+            return dense
+        if grad_scale is not None:
+            for p in sparse:
+                p.grad = p.grad.coalesce()
+                p.grad._values().div_(grad_scale.to(p.grad.device))
         g.layout.ensure(store, sparse, Replicated(store, group["params"]))
         self.sparse(group, sparse, store)
-        return [p for p, grad in zip(params, grads) if not grad.is_sparse]
+        return dense
 
     # ---- the reference executor -----------------------------------------------------------------
 
@@ -207,7 +225,7 @@ class StepProgram:
                 continue
             grads, shards = split_shards([p.grad for p in params])
             if any(map(_is_sparse, grads)):
-                params = self._step_sparse(g, group, params, grads, store)
+                params = self._step_sparse(g, group, params, grads, store, amp)
                 if not params:
                     continue
                 grads, shards = split_shards([p.grad for p in params])
@@ -219,7 +237,10 @@ class StepProgram:
             all_shards = [s for *_, grads, shards in work for s in (shards or [None] * len(grads))]
         all_grads = [g for *_, grads, _ in work for g in grads]
         amp_gate = None if amp is None else amp_unscale_(all_grads, *amp)
-        finite = self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards)
+        finite = None
+        if not (self.nonfinite == "raise" and amp_gate is not None and not bool(amp_gate)):
+            # (GradScaler's inf step is skipped, not raised: "raise" reads the gate on the host anyway)
+            finite = self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards)
         gate = combine_gates(amp_gate, finite)
         if gate is not None and gate.dtype == torch.bool:
             gate = gate.to(torch.float32)

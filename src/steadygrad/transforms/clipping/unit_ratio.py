@@ -43,9 +43,9 @@ def _unit_norms(tensors: Sequence[Tensor], shards: Any = None, complex_views: An
     out = reduced_norms(tensors, dims)
     split = [_splits_units(t, s, c) for t, s, c in zip(tensors, shards, views)] if shards is not None else []
     if any(split):
-        squares = [n.square() for n in out]
+        squares = [n.double().square() for n in out]  # float64: a float32 square could overflow
         all_reduce_shards_(squares, [s if flag else None for s, flag in zip(shards, split)])
-        out = [sq.sqrt() if flag else n for n, sq, flag in zip(out, squares, split)]
+        out = [sq.sqrt().to(n.dtype) if flag else n for n, sq, flag in zip(out, squares, split)]
     return out
 
 
