@@ -182,7 +182,9 @@ class Clipper:
             )
 
         ok: Tensor | None = None
-        if self.nonfinite == "skip":
+        if self.nonfinite == "skip" and counts is not None:
+            # (counts is None: the CPU check found every gradient finite, so there is nothing to
+            # gate; an open gate gives the ungated step's bits, without its two masking passes)
             ok = nonfinite == 0
         if commit is not None:
             ok = combine_gates(commit.reshape(()).to(device) != 0, ok)

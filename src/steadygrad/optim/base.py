@@ -70,11 +70,12 @@ class TransformOptimizer(Optimizer):
     max-abs reduction over the gradients gives the commit gate (:mod:`steadygrad.core.gate`);
     every state update, ``clip``'s included, and the parameter update select between their new
     and old values under it, so a step with inf or NaN leaves parameters, state and step counters
-    bit-identical, and an open gate gives the ``"ignore"`` step's bits. The new values are still
-    computed (the step costs what it costs), nothing is read on the host, with one exception on
-    accelerators: torch's layout keeps the ``step`` counters on the CPU, and advancing them under
-    a gate on the device copies the gate to the host (``capturable=True`` keeps the counters on
-    the device and avoids it). ``"raise"`` checks the
+    bit-identical, and an open gate gives the ``"ignore"`` step's bits. On accelerators the new
+    values are still computed (the step costs what it costs) and nothing is read on the host,
+    with one exception: torch's layout keeps the ``step`` counters on the CPU, and advancing them
+    under a gate on the device copies the gate to the host (``capturable=True`` keeps the counters
+    on the device and avoids it). On the CPU the reference path reads the gate (no device to wait
+    for): a closed gate is a step that changes nothing, an open one the ungated step. ``"raise"`` checks the
     same reduction on the host and raises ``RuntimeError`` naming the first parameter with inf/NaN,
     before anything changes.
 

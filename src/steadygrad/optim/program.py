@@ -36,7 +36,7 @@ from torch import Tensor
 from ..core.dtensor import all_ranks_true, split_shards
 from ..core.gate import all_finite, amp_unscale_, combine_gates, count_nonfinite
 from ..core.state import Replicated, StateLayout
-from ..core.tensorlist import split_like, working_copy
+from ..core.tensorlist import host_readable, split_like, working_copy
 from ..core.transform import StepContext, Transform, coarsest_structure
 from ..core.workspace import Workspace
 
@@ -242,6 +242,12 @@ class StepProgram:
             # (GradScaler's inf step is skipped, not raised: "raise" reads the gate on the host anyway)
             finite = self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards)
         gate = combine_gates(amp_gate, finite)
+        if gate is not None and host_readable(all_grads):
+            # On the CPU the gate is read at no device sync: a closed gate is a step that changes
+            # nothing, an open one the ungated step (its very bits, without the selects).
+            if not bool(gate):
+                return
+            gate = None
         if gate is not None and gate.dtype == torch.bool:
             gate = gate.to(torch.float32)
         clipped = None
