@@ -123,29 +123,21 @@ def test_step_without_gradients_changes_nothing(name, desc, kwargs):
 TRAJECTORY_INPUTS = [(n, d, k) for n, d, k in INPUTS if not k.get("differentiable")]  # (leaf parameters)
 
 
+@pytest.mark.parametrize("gradients", ["zero", "random"])
 @pytest.mark.parametrize(
     ("name", "desc", "kwargs"), TRAJECTORY_INPUTS, ids=[f"{n}-{d}" for n, d, _ in TRAJECTORY_INPUTS]
 )
-def test_zero_gradients_step_as_torch(name, desc, kwargs):
-    ours_params, ours, theirs_params, theirs = _pair(name, kwargs)
-    for _ in range(2):
-        for params, opt in ((ours_params, ours), (theirs_params, theirs)):
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            opt.step()
-    for p, q in zip(ours_params, theirs_params):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize(
-    ("name", "desc", "kwargs"), TRAJECTORY_INPUTS, ids=[f"{n}-{d}" for n, d, _ in TRAJECTORY_INPUTS]
-)
-def test_float32_steps_as_torch(name, desc, kwargs):
-    """Every CPU input, fused=True included (torch's fused CPU kernels on its side), float32."""
+def test_float32_steps_as_torch(name, desc, kwargs, gradients):
+    """Every CPU input, fused=True included (torch's fused CPU kernels on its side), float32:
+    zero gradients (torch's no-op test) and random ones; parameters and state."""
     ours_params, ours, theirs_params, theirs = _pair(name, kwargs)
     for step in range(5):
         for params, opt in ((ours_params, ours), (theirs_params, theirs)):
-            _grads(params, step)
+            if gradients == "zero":
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+            else:
+                _grads(params, step)
             opt.step()
     for p, q in zip(ours_params, theirs_params):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=1e-7)
@@ -153,15 +145,21 @@ def test_float32_steps_as_torch(name, desc, kwargs):
             torch.testing.assert_close(ours.state[p][key], value, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", NAMES)
+TENSOR_OPTIONS = [(name, "lr") for name in NAMES] + [(name, "betas") for name in ("Adam", "AdamW")]
+
+
+@pytest.mark.parametrize(("name", "option"), TENSOR_OPTIONS)
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1d", "2d"])
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_tensor_lr_of_any_single_element_shape(name, shape, fused):
-    """As torch's test_tensor_lr: an lr tensor of 0, 1 or 2 dimensions steps as the number."""
-    number = _params()
-    tensor = _params()
-    opt_n = getattr(sg.optim, name)(number, lr=0.01, fused=fused)
-    opt_t = getattr(sg.optim, name)(tensor, lr=torch.full(shape, 0.01), fused=fused)
+def test_tensor_hyperparameters_of_any_single_element_shape(name, option, shape, fused):
+    """As torch's test_tensor_lr: an lr (or betas) tensor of 0, 1 or 2 dimensions steps as the
+    number."""
+    numbers = {"lr": 0.01, "betas": (0.8, 0.95)}
+    value = numbers[option]
+    as_tensor = tuple(torch.full(shape, v) for v in value) if option == "betas" else torch.full(shape, value)
+    number, tensor = _params(), _params()
+    opt_n = getattr(sg.optim, name)(number, **{"lr": 0.01, option: value}, fused=fused)
+    opt_t = getattr(sg.optim, name)(tensor, **{"lr": 0.01, option: as_tensor}, fused=fused)
     for step in range(4):
         for params, opt in ((number, opt_n), (tensor, opt_t)):
             _grads(params, step)
@@ -262,23 +260,6 @@ def test_every_torch_input_is_covered():
     assert len(ERRORS) >= 30 and len(INPUTS) >= 60
     assert {n for n, *_ in INPUTS} == set(NAMES)
     assert any(k.get("fused") for *_, k in INPUTS) and any(k.get("differentiable") for *_, k in INPUTS)
-
-
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
-@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1d", "2d"])
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_tensor_betas_of_any_single_element_shape(name, shape, fused):
-    number = _params()
-    tensor = _params()
-    opt_n = getattr(sg.optim, name)(number, lr=0.01, betas=(0.8, 0.95), fused=fused)
-    betas = (torch.full(shape, 0.8), torch.full(shape, 0.95))
-    opt_t = getattr(sg.optim, name)(tensor, lr=0.01, betas=betas, fused=fused)
-    for step in range(4):
-        for params, opt in ((number, opt_n), (tensor, opt_t)):
-            _grads(params, step)
-            opt.step()
-    for a, b in zip(number, tensor):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 FUSED_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
