@@ -449,7 +449,8 @@ def test_autoclip_compiled_by_hand_grows_by_a_slot_per_call():
 
 
 @pytest.mark.parametrize(
-    "edit", ["step in place", "step replaced", "exp_avg replaced", "exp_avg in place", "steps set apart"]
+    "edit",
+    ["step in place", "step replaced", "exp_avg replaced", "exp_avg in place", "steps set apart", "state cleared"],
 )
 def test_state_edited_by_the_user_is_what_the_next_step_reads(eager_fused, edit):
     """torch reads opt.state at every step: a warm restart that zeroes `step`, or a moment
@@ -465,7 +466,9 @@ def test_state_edited_by_the_user_is_what_the_next_step_reads(eager_fused, edit)
             for p in params:
                 p.grad = torch.randn(5, dtype=torch.float64)
             opt.step()
-            if i == 1:
+            if i == 1 and edit == "state cleared":
+                opt.state.clear()  # torch starts the moments and counters again
+            elif i == 1:
                 for k, p in enumerate(params):
                     state = opt.state[p]
                     if edit == "step in place":

@@ -70,6 +70,21 @@ def test_fused_refuses_meta_parameters_as_torch_and_trains_after_to_empty(name):
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_meta_and_cpu_parameters_together_still_check_the_cpu_gradients(nonfinite):
+    meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    cpu = torch.nn.Parameter(torch.zeros(3))
+    opt = sg.optim.Adam([meta, cpu], lr=0.1, nonfinite=nonfinite)
+    meta.grad = torch.ones(3, device="meta")
+    cpu.grad = torch.tensor([1.0, float("nan"), 1.0])
+    if nonfinite == "raise":
+        with pytest.raises(RuntimeError, match="parameter 1 of param group 0"):
+            opt.step()
+    else:
+        opt.step()
+    assert torch.equal(cpu.detach(), torch.zeros(3))
+
+
 def _train(make_opt, model, steps=3):
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
     opt = make_opt(model.parameters())

@@ -188,6 +188,17 @@ def test_norm_of_norms_does_not_overflow():
     torch.testing.assert_close(total_norm(ts, 4.0), _reference_norm(ts, 4.0).float(), rtol=1e-6, atol=0)
 
 
+def test_row_norms_of_a_tensor_subclass_do_not_overflow():
+    from steadygrad.core.norms import reduced_norms
+
+    class Sub(torch.Tensor):
+        pass
+
+    t = torch.full((2, 3), 1e20).as_subclass(Sub)
+    (n,) = reduced_norms([t], [(1,)])
+    torch.testing.assert_close(n.as_subclass(torch.Tensor), torch.full((2, 1), 1e20 * math.sqrt(3)))
+
+
 def test_float64_beyond_its_squares():
     ts = [torch.full((3,), 1e200, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
     torch.testing.assert_close(tensor_norms(ts)[0], torch.tensor(math.sqrt(3) * 1e200, dtype=torch.float64))

@@ -120,6 +120,21 @@ def _check_process_group(rank):
     dist.all_reduce(check)
     assert check.tolist() == [0.0, 2.0, 4.0]
 
+    # an optimizer skipping a NaN step on one rank still enters its clip rule's all-reduce
+    import steadygrad as sg
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = sg.optim.Adam([w], lr=0.1, clip=sg.zclip(warmup_steps=2, process_group=world), nonfinite="skip")
+    for step in range(3):
+        w.grad = torch.ones(4)
+        if rank == 0 and step == 1:
+            w.grad[0] = float("nan")
+        opt.step()
+    assert opt.state[w]["step"].item() == (2 if rank == 0 else 3)
+    check = torch.arange(3.0)
+    dist.all_reduce(check)
+    assert check.tolist() == [0.0, 2.0, 4.0]
+
 
 def _check_dtensor(rank):
     from torch.distributed.device_mesh import init_device_mesh

@@ -230,7 +230,8 @@ def reduced_norms(tensors: Sequence[Tensor], dims: Sequence[tuple[int, ...] | No
     out = []
     for t, d in zip(tensors, dims):
         cast = None if wide_dtype(t.dtype) == t.dtype else wide_dtype(t.dtype)
-        if torch.compiler.is_compiling() and t.dtype not in _DOUBLE and t.device.type != "mps":
+        wide = torch.compiler.is_compiling() or (not checked and t.device.type == "cpu")
+        if wide and t.dtype not in _DOUBLE and t.device.type != "mps":
             # (inductor fuses the cast into the reduction; eager kernels would copy the tensor
             # to float64 first, so eager accelerators keep float32 here)
             cast = torch.complex128 if t.dtype.is_complex else torch.float64

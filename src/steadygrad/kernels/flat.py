@@ -200,9 +200,12 @@ class FlatGroup:
         """Whether a parameter has no gradient (``.grad is None``): it must not be stepped."""
         return any(map(operator.is_, map(_GRAD, self.params), repeat(None)))
 
-    def state_intact(self) -> bool:
+    def state_intact(self, store: MutableMapping) -> bool:
         """Whether every state entry is still the view the buffers hold (a user who assigns
-        ``opt.state[p][key] = ...`` replaces it). C-level identity checks, one pass per key."""
+        ``opt.state[p][key] = ...``, ``opt.state[p] = {}`` or clears ``opt.state`` replaces it).
+        C-level identity checks, one pass per key and one for the dicts."""
+        if not all(map(operator.is_, map(store.get, self.params), self.dicts)):
+            return False
         try:
             return all(
                 all(map(operator.is_, map(operator.getitem, self.dicts, repeat(key)), views))

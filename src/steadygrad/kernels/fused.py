@@ -282,7 +282,7 @@ class FusedExecutor:
             if reason:
                 return self._give_up(reason)
         assert self.groups is not None
-        if not all(f.holds_data() and f.state_intact() for g in self.groups for f in g.flats):
+        if not all(f.holds_data() and f.state_intact(store) for g in self.groups for f in g.flats):
             # A parameter's data or a state entry was replaced (``p.data = ...``,
             # ``opt.state[p]["exp_avg"] = ...``): the buffers are laid out again from the
             # tensors as they are now.

@@ -75,7 +75,7 @@ class TransformOptimizer(Optimizer):
     with one exception: torch's layout keeps the ``step`` counters on the CPU, and advancing them
     under a gate on the device copies the gate to the host (``capturable=True`` keeps the counters
     on the device and avoids it). On the CPU the reference path reads the gate (no device to wait
-    for): a closed gate is a step that changes nothing, an open one the ungated step. ``"raise"`` checks the
+    for): an open gate runs the ungated step, a closed one the gated step. ``"raise"`` checks the
     same reduction on the host and raises ``RuntimeError`` naming the first parameter with inf/NaN,
     before anything changes.
 

@@ -136,9 +136,14 @@ class StepProgram:
         shards of DTensors) every rank holding a shard decides alike."""
         if self.nonfinite == "ignore":
             return None
+        if any(g.device.type == "meta" for g in grads):  # meta gradients have no values to check
+            keep = [i for i, g in enumerate(grads) if g.device.type != "meta"]
+            if not keep:
+                return None
+            grads = [grads[i] for i in keep]
+            shards = None if shards is None else [shards[i] for i in keep]
+            describe = _reindexed(describe, keep)
         ok = all_ranks_true(all_finite(grads), shards)
-        if ok.device.type == "meta":  # a step of meta parameters: no values to check
-            return None
         if self.nonfinite == "skip":
             return ok.to(torch.float32)
         if not bool(ok):  # the documented host read
@@ -242,11 +247,10 @@ class StepProgram:
             # (GradScaler's inf step is skipped, not raised: "raise" reads the gate on the host anyway)
             finite = self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards)
         gate = combine_gates(amp_gate, finite)
-        if gate is not None and host_readable(all_grads):
-            # On the CPU the gate is read at no device sync: a closed gate is a step that changes
-            # nothing, an open one the ungated step (its very bits, without the selects).
-            if not bool(gate):
-                return
+        if gate is not None and host_readable(all_grads) and bool(gate):
+            # On the CPU the gate is read at no device sync: an open gate is the ungated step (its
+            # very bits, without the selects). A closed one (rare) takes the gated step, which
+            # still creates state and enters every collective a clipping rule makes.
             gate = None
         if gate is not None and gate.dtype == torch.bool:
             gate = gate.to(torch.float32)
@@ -284,6 +288,15 @@ class StepProgram:
                 apply=True,
                 step_on_device=g.step_on_device,
             )
+
+
+def _reindexed(describe: Any, keep: list[int]) -> Any:
+    """``describe`` for the gradients ``keep`` selects (``i`` names the ``keep[i]``-th)."""
+
+    def named(i: int) -> str:
+        return describe(keep[i])
+
+    return named
 
 
 def _describe(work: list, param_groups: Sequence[Mapping[str, Any]], i: int) -> str:

@@ -43,7 +43,8 @@ def _unit_norms(tensors: Sequence[Tensor], shards: Any = None, complex_views: An
     out = reduced_norms(tensors, dims)
     split = [_splits_units(t, s, c) for t, s, c in zip(tensors, shards, views)] if shards is not None else []
     if any(split):
-        squares = [n.double().square() for n in out]  # float64: a float32 square could overflow
+        # float64 (not on mps, which has none): a float32 square could overflow
+        squares = [(n if n.device.type == "mps" else n.double()).square() for n in out]
         all_reduce_shards_(squares, [s if flag else None for s, flag in zip(shards, split)])
         out = [sq.sqrt().to(n.dtype) if flag else n for n, sq, flag in zip(out, squares, split)]
     return out
