@@ -22,18 +22,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn import Parameter
+
+from .tensorlist import PLAIN_TYPES
 
 __all__ = ["ShardSpec", "all_ranks_true", "is_dtensor", "local_tensor", "split_shards"]
 
 ShardSpec = tuple[Any, tuple[int, ...], tuple[int, ...]]
 
-_PLAIN_TYPES = frozenset((Tensor, Parameter))
-
 
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a DTensor (``False`` where torch.distributed's tensor module is missing)."""
-    if type(t) in _PLAIN_TYPES:
+    if type(t) in PLAIN_TYPES:
         return False
     try:
         from torch.distributed.tensor import DTensor
@@ -67,7 +66,7 @@ def split_shards(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[ShardSpe
         ValueError: a DTensor with a ``Partial`` placement (its local values are not elements of
             the tensor: redistribute it first).
     """
-    if set(map(type, tensors)) <= _PLAIN_TYPES:
+    if set(map(type, tensors)) <= PLAIN_TYPES:
         return list(tensors), None
     locals_: list[Tensor] = []
     specs: list[ShardSpec | None] = []

@@ -45,10 +45,9 @@ from typing import Any, Final
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn import Parameter
 
 from .dtensor import ShardSpec, local_tensor, split_shards
-from .tensorlist import any_empty, devices, dtypes, group_by_device_dtype, host_readable, types
+from .tensorlist import PLAIN_TYPES, any_empty, devices, dtypes, group_by_device_dtype, host_readable, types
 from .validate import check_range
 
 __all__ = [
@@ -85,8 +84,6 @@ try:
 except ImportError:  # pragma: no cover - older or trimmed torch builds
     _FOREACH_DEVICES = frozenset(["cpu", "cuda", "xpu", torch._C._get_privateuse1_backend_name()])
 
-_PLAIN_TYPES = (Tensor, Parameter)
-_PLAIN_TYPES_SET = frozenset(_PLAIN_TYPES)
 _DOUBLE = (torch.float64, torch.complex128)
 
 
@@ -462,7 +459,7 @@ def scaled(tensors: Sequence[Tensor], factor: Tensor) -> list[Tensor]:
     """New tensors ``t · factor``, computed as :func:`scale_` computes them (one pass instead of
     a copy and an in-place scaling)."""
     tensors = list(tensors)
-    if types(tensors) <= _PLAIN_TYPES_SET and all(d == wide_dtype(d) for d in dtypes(tensors)):
+    if types(tensors) <= PLAIN_TYPES and all(d == wide_dtype(d) for d in dtypes(tensors)):
         out: list[Tensor | None] = [None] * len(tensors)
         for (device, dtype), indices in group_by_device_dtype(tensors).items():
             f = factor.to(device=device, dtype=norm_dtype(dtype))
@@ -515,7 +512,7 @@ def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool |
         if not supported:
             raise RuntimeError(f"foreach=True, but there are no foreach kernels for {device.type} tensors")
         return True
-    return supported and types(tensors) <= _PLAIN_TYPES_SET
+    return supported and types(tensors) <= PLAIN_TYPES
 
 
 def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None, *, wide: bool = False) -> list[Tensor]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PLAIN_TYPES",
     "add_scalar_",
     "add_scalars_",
     "addcmul_",
@@ -227,7 +228,9 @@ def _(beta: Tensor, steps: list[Tensor], offset: int) -> list[Tensor]:
 
 
 _CPU = torch.device("cpu")
-_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+
+#: Tensor types steadygrad runs torch's kernels on directly (no subclass dispatch).
+PLAIN_TYPES: frozenset[type] = frozenset((Tensor, torch.nn.Parameter))
 
 
 def host_readable(tensors: Sequence[Tensor]) -> bool:
@@ -235,7 +238,7 @@ def host_readable(tensors: Sequence[Tensor]) -> bool:
     plain CPU tensors (or parameters) outside ``torch.compile``. Helpers that take a cheaper
     path once they know a value (the norms' overflow pass, a Clipper's count of non-finite
     elements) read it only then; elsewhere they stay branch-free."""
-    return not torch.compiler.is_compiling() and devices(tensors) == {_CPU} and types(tensors) <= _PLAIN
+    return not torch.compiler.is_compiling() and devices(tensors) == {_CPU} and types(tensors) <= PLAIN_TYPES
 
 
 def host_scalar(value: Scalar) -> float | None:

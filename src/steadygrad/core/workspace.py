@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .tensorlist import as_real
+from .tensorlist import PLAIN_TYPES, as_real
 
 __all__ = ["BIG_BYTES", "Scratch", "Workspace", "compute_into"]
 
@@ -112,7 +112,7 @@ class Workspace:
             self._sets.move_to_end(key)
             return self._sets[key][1]
         scratch = None
-        if all(type(p) in (Tensor, torch.nn.Parameter) and p.is_cpu for p in params):
+        if all(type(p) in PLAIN_TYPES and p.is_cpu for p in params):
             big = [i for i, p in enumerate(params) if p.numel() * p.element_size() >= BIG_BYTES]
             if big:
                 scratch = Scratch(big, [self._buffer(params[i]) for i in big], *_rest(big, len(params)))

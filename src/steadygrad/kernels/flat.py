@@ -29,6 +29,8 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
+from ..core.tensorlist import PLAIN_TYPES
+
 __all__ = ["FlatGroup", "ineligibility"]
 
 _GRAD = operator.attrgetter("grad")
@@ -42,7 +44,7 @@ def ineligibility(p: Tensor) -> str | None:
         return "a sparse or non-strided parameter"
     if not p.is_contiguous():
         return "a non-contiguous parameter (e.g. channels_last)"
-    if type(p) not in (Tensor, torch.nn.Parameter):
+    if type(p) not in PLAIN_TYPES:
         return f"a tensor subclass ({type(p).__name__})"
     return None
 
