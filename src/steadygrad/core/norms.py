@@ -218,31 +218,17 @@ def reduced_norms(tensors: Sequence[Tensor], dims: Sequence[tuple[int, ...] | No
     """
     tensors = list(tensors)
     checked = _checked_on_host(tensors, 2.0)
-
-    def norm(t: Tensor, d: tuple[int, ...] | None, cast: torch.dtype | None) -> Tensor:
-        if d is None:
-            return torch.linalg.vector_norm(t, 2, dtype=cast).reshape((1,) * t.dim())
-        return torch.linalg.vector_norm(t, 2, dim=d, keepdim=True, dtype=cast)
-
     out = []
     for t, d in zip(tensors, dims):
-        cast = None if wide_dtype(t.dtype) == t.dtype else wide_dtype(t.dtype)
+        # (inductor fuses a float64 cast into the reduction; eager kernels would copy the tensor
+        # to float64 first, so eager accelerators keep float32 here)
         wide = torch.compiler.is_compiling() or (not checked and t.device.type == "cpu")
-        if wide and t.dtype not in _DOUBLE and t.device.type != "mps":
-            # (inductor fuses the cast into the reduction; eager kernels would copy the tensor
-            # to float64 first, so eager accelerators keep float32 here)
-            cast = torch.complex128 if t.dtype.is_complex else torch.float64
-        n = norm(t, d, cast)
+        n = _vector_norm(t, 2.0, d, _accumulation(t.dtype, t.device, wide))
         out.append(n if n.dtype == norm_dtype(t.dtype) else n.to(norm_dtype(t.dtype)))
     if checked and out and _overflowed(torch._foreach_norm(out, 1.0)):  # norms >= 0: sum = L1
         for i, (t, d, n) in enumerate(zip(tensors, dims, out)):
             if bool(n.isinf().any()):
-                x = t.to(wide_dtype(t.dtype))
-                m = x.abs().amax() if d is None else x.abs().amax(dim=d, keepdim=True)
-                m = m.reshape(n.shape)
-                safe = torch.where((m > 0) & m.isfinite(), m, torch.ones_like(m))
-                rescaled = safe * norm(x / safe, d, None)
-                out[i] = torch.where(m.isfinite(), rescaled, n).to(n.dtype)
+                out[i] = _max_scaled(t, n, 2.0, d)
     return out
 
 
@@ -342,8 +328,7 @@ def _combine(norms: list[Tensor], specs: list, p: float, group: Any, device: tor
         whole = norms if dtypes(norms) == {dtype} else [n.to(dtype) for n in norms]
         if wide and _squares(p):  # sum of (n_i / max n)^p: no overflow at any p, in any dtype
             x = torch.stack(whole)
-            m = x.amax()
-            m = torch.where((m > 0) & m.isfinite(), m, torch.ones_like(m))
+            m = _safe_scale(x.amax())
             return m * _finish(_partial_of_norms([x / m], p), p)
         return _finish(_partial_of_norms(whole, p), p)
     dtype = torch.float64 if distributed or (wide and device.type != "mps") else norms[0].dtype
@@ -520,10 +505,7 @@ def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None, *, wide:
     the squares could overflow (returned as float64; ``mps`` stays in float32)."""
     out: list[Tensor | None] = [None] * len(tensors)
     for (device, dtype), indices in group_by_device_dtype(tensors).items():
-        compute = wide_dtype(dtype)
-        cast = None if compute == dtype else compute
-        if wide and _squares(p) and dtype not in _DOUBLE and device.type != "mps":
-            cast = torch.complex128 if dtype.is_complex else torch.float64
+        cast = _accumulation(dtype, device, wide and _squares(p))
         real = norm_dtype(dtype)
         if any_empty([tensors[i] for i in indices]):
             full = []
@@ -571,15 +553,40 @@ def _overflowed(results: list[Tensor]) -> bool:
 def _rescaled(tensors: list[Tensor], norms: list[Tensor], p: float) -> list[Tensor]:
     """``norms`` with each ``inf`` norm of a finite tensor computed again without overflow:
     :math:`m \\, \\|x / m\\|_p` with :math:`m = \\max |x|` (CPU, eager: see :func:`_overflowed`)."""
-    out = list(norms)
-    for i, (t, n) in enumerate(zip(tensors, norms)):
-        if not bool(n.isinf()):
-            continue
-        x = t.to(wide_dtype(t.dtype))
-        m = x.abs().amax()
-        if bool(m.isfinite()):
-            out[i] = (m * torch.linalg.vector_norm(x / m, p)).to(n.dtype)
-    return out
+    return [_max_scaled(t, n, p) if bool(n.isinf()) else n for t, n in zip(tensors, norms)]
+
+
+def _accumulation(dtype: torch.dtype, device: torch.device, wide: bool) -> torch.dtype | None:
+    """The ``dtype=`` a norm of a ``dtype`` tensor is accumulated in: float64 (complex128) with
+    ``wide`` (not on ``mps``, which has none), else :func:`wide_dtype`; ``None`` for the
+    tensor's own."""
+    if wide and dtype not in _DOUBLE and device.type != "mps":
+        return torch.complex128 if dtype.is_complex else torch.float64
+    compute = wide_dtype(dtype)
+    return None if compute == dtype else compute
+
+
+def _vector_norm(t: Tensor, p: float, dim: tuple[int, ...] | None, cast: torch.dtype | None = None) -> Tensor:
+    """``t``'s p-norm over ``dim`` kept as size-1 dimensions (``None``: all of them)."""
+    if dim is None:
+        return torch.linalg.vector_norm(t, p, dtype=cast).reshape((1,) * t.dim())
+    return torch.linalg.vector_norm(t, p, dim=dim, keepdim=True, dtype=cast)
+
+
+def _safe_scale(m: Tensor) -> Tensor:
+    """``m`` where it is a positive finite number to divide by, else 1."""
+    return torch.where((m > 0) & m.isfinite(), m, torch.ones_like(m))
+
+
+def _max_scaled(t: Tensor, n: Tensor, p: float, dim: tuple[int, ...] | None = None) -> Tensor:
+    """``n``, the p-norm of ``t`` over ``dim`` (all of it for ``None``, any shape of its values),
+    computed again without overflow: :math:`m \\, \\|t / m\\|_p` with :math:`m = \\max |t|`
+    over the same elements; where ``m`` is not finite (inf/NaN elements) ``n`` stays."""
+    x = t.to(wide_dtype(t.dtype))
+    m = (x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)).reshape(n.shape)
+    safe = _safe_scale(m)
+    scaled = safe * _vector_norm(x / safe, p, dim).reshape(n.shape)
+    return torch.where(m.isfinite(), scaled, n).to(n.dtype)
 
 
 def _as_norm_dtypes(tensors: list[Tensor], norms: list[Tensor]) -> list[Tensor]:
