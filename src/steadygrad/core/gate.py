@@ -24,6 +24,7 @@ from .tensorlist import Scalar, add_scalar_, addcmul_, copy_, dtypes, group_by_d
 __all__ = [
     "advance_",
     "all_finite",
+    "amp_skips",
     "amp_unscale_",
     "clones",
     "combine_gates",
@@ -127,6 +128,13 @@ def amp_unscale_(grads: Sequence[Tensor], grad_scale: Tensor | None, found_inf: 
         for (device, _), indices in group_by_device_dtype(list(grads)).items():
             torch._foreach_div_([grads[i] for i in indices], on_device(divisor, device))
     return gate
+
+
+def amp_skips(amp: tuple[Tensor | None, Tensor | None] | None) -> bool:
+    """Whether GradScaler's verdict (``amp = (grad_scale, found_inf)``, see :func:`amp_unscale_`)
+    is to skip this step, read on the host (a device sync off the CPU): for the paths that read
+    anyway (``nonfinite="raise"``'s check, the sparse rule)."""
+    return amp is not None and amp[1] is not None and bool(amp[1] != 0)
 
 
 # From this many elements a tensor's extremes come from ``torch.aminmax`` (one vectorised pass:

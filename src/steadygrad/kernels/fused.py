@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.gate import all_finite, amp_unscale_, combine_gates
+from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates
 from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, state_leaves
@@ -323,8 +323,7 @@ class FusedExecutor:
             self._refresh(param_groups[g.index], g.tensors)
         for flat in replaced:
             flat.adopt_gradients()
-        found_inf = None if amp is None else amp[1]
-        if program.nonfinite == "raise" and not (found_inf is not None and bool(found_inf != 0)):
+        if program.nonfinite == "raise" and not amp_skips(amp):
             # (GradScaler's inf step is skipped inside the kernel, not raised)
             flat_params = [p for g in self.groups for f in g.flats for p in f.params]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))

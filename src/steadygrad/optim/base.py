@@ -138,9 +138,12 @@ class TransformOptimizer(Optimizer):
         super().__init__(params, defaults)
         if defaults.get("fused", None):
             self._fused = FusedExecutor()
-            # torch's fused-AMP protocol: GradScaler.step sets grad_scale/found_inf and leaves
-            # the unscaling and the inf check to the step.
-            self._step_supports_amp_scaling = True
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch's fused-AMP protocol, on the fused path: ``GradScaler.step`` then sets
+        ``grad_scale``/``found_inf`` and leaves the unscaling and the inf check to the step."""
+        return getattr(self, "_fused", None) is not None
 
     def build_transform(self, group: Mapping[str, Any]) -> Transform:
         """The chain for one parameter group, for the group's structure (called once per
@@ -349,8 +352,6 @@ class TransformOptimizer(Optimizer):
         self._programs = {}
         self._workspace = Workspace()
         self._fused = FusedExecutor() if self.defaults.get("fused", None) else None
-        if self._fused is not None:
-            self._step_supports_amp_scaling = True
         for group in self.param_groups:
             self._complete_group(group)
             for p in group["params"]:

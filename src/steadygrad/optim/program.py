@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..core.dtensor import all_ranks_true, split_shards
-from ..core.gate import all_finite, amp_unscale_, combine_gates, count_nonfinite
+from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates, count_nonfinite
 from ..core.state import Replicated, StateLayout
 from ..core.tensorlist import host_readable, split_like, working_copy
 from ..core.transform import StepContext, Transform, coarsest_structure
@@ -192,13 +192,12 @@ class StepProgram:
             )
         sparse = [p for p, grad in zip(params, grads) if grad.is_sparse]
         dense = [p for p, grad in zip(params, grads) if not grad.is_sparse]
-        grad_scale, found_inf = amp if amp is not None else (None, None)
-        if found_inf is not None and bool(found_inf != 0):
+        if amp_skips(amp):
             return dense
-        if grad_scale is not None:
+        if amp is not None and amp[0] is not None:
             for p in sparse:
                 p.grad = p.grad.coalesce()
-                p.grad._values().div_(grad_scale.to(p.grad.device))
+                p.grad._values().div_(amp[0].to(p.grad.device))
         g.layout.ensure(store, sparse, Replicated(store, group["params"]))
         self.sparse(group, sparse, store)
         return dense
@@ -243,7 +242,7 @@ class StepProgram:
         all_grads = [g for *_, grads, _ in work for g in grads]
         amp_gate = None if amp is None else amp_unscale_(all_grads, *amp)
         finite = None
-        if not (self.nonfinite == "raise" and amp_gate is not None and not bool(amp_gate)):
+        if not (self.nonfinite == "raise" and amp_skips(amp)):
             # (GradScaler's inf step is skipped, not raised: "raise" reads the gate on the host anyway)
             finite = self.finite_gate(all_grads, lambda i: _describe(work, param_groups, i), all_shards)
         gate = combine_gates(amp_gate, finite)
