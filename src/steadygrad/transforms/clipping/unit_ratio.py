@@ -23,12 +23,12 @@ __all__ = ["AGC_DIV_EPS", "ClipByUnitRatio", "clip_by_unit_ratio", "unit_ratio_c
 AGC_DIV_EPS = 1e-6
 
 
-def _unit_norms(tensors: Sequence[Tensor], shards: Any = None, complex_views: Any = None) -> list[Tensor]:
+def _unit_norms(tensors: Sequence[Tensor], shards: Any, views: Sequence[bool]) -> list[Tensor]:
     """The L2 norm of each unit of each tensor in torch's ``(out, in, ...)`` layout.
 
     A tensor of 2 or more dimensions has ``shape[0]`` units (its slices along dim 0): the result
     has shape ``(out, 1, ..., 1)``. A 0-D or 1-D tensor is one unit: the result has shape
-    ``(1,) * ndim``. The real view of a complex tensor (``complex_views``) has the units of the
+    ``(1,) * ndim``. The real view of a complex tensor (``views[i]`` true) has the units of the
     complex tensor: a complex vector is one unit, not one per element. One reduction per tensor
     over dims ``1..`` (not one per unit: a model's embedding has tens of thousands of rows, and a
     graph with a node per row takes minutes to compile), by
@@ -38,7 +38,6 @@ def _unit_norms(tensors: Sequence[Tensor], shards: Any = None, complex_views: An
     sharded, or a tensor sharded along a dimension other than 0) gets its squared norm summed
     over those ranks; rows of a tensor sharded along dim 0 (FSDP2) are whole on one rank.
     """
-    views = list(complex_views) if complex_views is not None else [False] * len(tensors)
     dims = [None if _one_unit(t, c) else tuple(range(1, t.dim())) for t, c in zip(tensors, views)]
     out = reduced_norms(tensors, dims)
     split = [_splits_units(t, s, c) for t, s, c in zip(tensors, shards, views)] if shards is not None else []
@@ -86,8 +85,9 @@ def unit_ratio_clip_update(
     """
     if len(params) != len(updates):
         raise ValueError(f"unit_ratio_clip_update: {len(updates)} updates but {len(params)} params")
-    g_norms = _unit_norms(updates, shards, complex_views)
-    w_norms = _unit_norms(params, shards, complex_views)
+    views = list(complex_views) if complex_views is not None else [False] * len(updates)
+    g_norms = _unit_norms(updates, shards, views)
+    w_norms = _unit_norms(params, shards, views)
     counts = []
     units = []
     for u, gn, wn in zip(updates, g_norms, w_norms):
@@ -106,7 +106,6 @@ def unit_ratio_clip_update(
         units.append(gn.numel())
     # A tensor whose units were all-reduced counts them once; one sharded by whole units, on
     # every rank that holds some.
-    views = list(complex_views) if complex_views is not None else [False] * len(updates)
     by_units = (
         None if shards is None else [None if _splits_units(u, s, c) else s for u, s, c in zip(updates, shards, views)]
     )
