@@ -82,4 +82,4 @@ def assert_same_run(
         for key in ka:
             va, vb = sa[key], sb[key]
             assert va.shape == vb.shape and va.dtype == vb.dtype, f"{key} of parameter {i}"
-            assert max_rel_diff(va, vb) <= tol(vb), f"{key} of parameter {i}"
+            assert max_rel_diff(va, vb) <= tol(vb), f"{key} of parameter {i}: {max_rel_diff(va, vb)}"

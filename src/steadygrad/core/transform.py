@@ -141,6 +141,10 @@ class StepContext:
         complex_views: ``None``, or one bool per tensor given: ``True`` where the tensor is the real
             view (``torch.view_as_real``, a trailing dimension of 2) of a complex parameter. A
             transform whose units follow the tensor's shape (AGC) reads the complex shape here.
+        sizes: ``None``, or one 0-d tensor per tensor given: how many of its elements take part in
+            this step. A fused step's flat buffer also holds the parameters that have no gradient at
+            this step (zero, and left as they were); a per-element statistic (the fraction of
+            elements clipped) divides by these counts instead of ``numel()``.
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
@@ -152,6 +156,7 @@ class StepContext:
     shards: Any = None
     reserved: bool = False
     complex_views: Any = None
+    sizes: Any = None
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as

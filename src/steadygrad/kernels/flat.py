@@ -14,9 +14,11 @@ view. A transform whose ``structure`` is ``"elements"`` or ``"units"`` gives the
 the class views as on the parameters (see :mod:`steadygrad.core.transform`).
 
 Per-parameter state of the shape of the parameter gets one buffer per key; 0-d state (step
-counters) gets a small buffer with one element per parameter, whose values must be equal when
-the group is built (they advance together from then on), plus one counter per class that the
-kernel advances and copies back.
+counters) gets a small buffer with one element per parameter (the *table*). While every parameter
+has stepped as often (``uniform``) the kernel advances one counter per class and copies it back;
+once they part (a parameter without a gradient at a step), the kernel reads each element's
+counter from the table through the *segment index* (the parameter of every element) and writes
+the table.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class FlatGroup:
     entries: dict[str, list[Tensor]] = field(default_factory=dict)  # key -> the per-parameter views
     dicts: list[dict] = field(default_factory=list)  # store[p] per parameter
     versions: dict[str, int] = field(default_factory=dict)  # key -> scalar buffer's version
+    uniform: bool = True  # the counters in ``scalar`` are known to be equal (``counters`` holds them)
+    _segments: tuple[Tensor, Tensor] | None = None  # (segment index, elements per parameter)
 
     # ---- building ------------------------------------------------------------------------------
 
@@ -116,8 +120,6 @@ class FlatGroup:
             ):
                 kinds[key] = "full"
             elif all(v.dim() == 0 for v in values) and len({(v.dtype, v.device) for v in values}) == 1:
-                if len({float(v) for v in values}) != 1:  # host read, once, when the group is built
-                    return f"the state {key!r} differs between parameters (they did not always step together)"
                 kinds[key] = "scalar"
             else:
                 return f"the state {key!r} is neither per-element nor one number per parameter"
@@ -136,9 +138,9 @@ class FlatGroup:
                 p.data = view
             group.data_ptrs = list(map(Tensor.data_ptr, params))
             for p, view in zip(params, group.views(group.grad_buf)):
-                if p.grad is not None:
+                if p.grad is not None:  # one without a gradient keeps None (and a zero view)
                     view.copy_(p.grad)
-                p.grad = view
+                    p.grad = view
                 group.grad_views.append(view)
             for key, kind in kinds.items():
                 values = [store[p][key] for p in params]
@@ -156,6 +158,7 @@ class FlatGroup:
                         store[p][key] = buf[i]
                     group.scalar[key] = buf
                     group.counters[key] = buf[:1].repeat(len(classes))
+            group.uniform = all(bool((buf == buf[:1]).all()) for buf in group.scalar.values())  # read once
             group.dicts = [store[p] for p in params]
             group.entries = {key: [d[key] for d in group.dicts] for key in kinds}
             group.record_versions()
@@ -225,30 +228,54 @@ class FlatGroup:
         self.versions = {key: buf._version for key, buf in self.scalar.items()}
 
     def sync_counters(self) -> bool:
-        """After steps that did not advance every parameter (the reference path stepped those
-        with a gradient): the class counters again from the per-parameter ones if these still
-        agree (``True``), else ``False``. Reads them on the host."""
+        """Whether the per-parameter counters agree (read on the host); if they do, the class
+        counters are set from them (``uniform``)."""
         for key, buf in self.scalar.items():
             if not bool((buf == buf[:1]).all()):
+                self.uniform = False
                 return False
             self.counters[key].copy_(buf[:1].expand_as(self.counters[key]))
+        self.uniform = True
         return True
+
+    def segments(self) -> tuple[Tensor, Tensor]:
+        """``(index, sizes)``: the parameter of every element of the buffers (int32, laid out
+        like ``param_buf``) and the elements of each parameter (int64). Built when first asked
+        for (a step where the parameters' counters part), then kept with the group."""
+        if self._segments is None:
+            device = self.param_buf.device
+            sizes = torch.tensor([p.numel() for p in self.params], dtype=torch.int64, device=device)
+            index = torch.repeat_interleave(
+                torch.arange(len(self.params), dtype=torch.int32, device=device),
+                sizes,
+                output_size=self.param_buf.numel(),
+            )
+            self._segments = (index, sizes)
+        return self._segments
+
+    def present(self) -> Tensor:
+        """One bool per parameter: whether it has a gradient (is stepped) at this step."""
+        return torch.tensor([p.grad is not None for p in self.params], device=self.param_buf.device)
 
     def adopt_gradients(self) -> None:
         """Brings gradients that were replaced (``zero_grad(set_to_none=True)`` of a module, a
-        hook assigning ``.grad``) back into the buffer and re-points ``.grad`` at it."""
+        hook assigning ``.grad``) back into the buffer and re-points ``.grad`` at it. A gradient
+        that is ``None`` stays ``None`` (the parameter is not stepped); its view is zeroed, so that
+        the buffer holds no stale values for global quantities (norms, non-finite checks)."""
         moved = [(p, view) for p, view in zip(self.params, self.grad_views) if p.grad is not view]
         with torch.no_grad():
             given = [(view, p.grad) for p, view in moved if p.grad is not None]
             if given:
                 torch._foreach_copy_([v for v, _ in given], [g for _, g in given])
+            absent = [view for p, view in moved if p.grad is None]
+            if absent:
+                torch._foreach_zero_(absent)
             for p, view in moved:
-                if p.grad is None:
-                    view.zero_()
-                p.grad = view
+                if p.grad is not None:
+                    p.grad = view
 
     def publish_counters(self) -> None:
-        """Copies the first class counter (advanced by the kernel; the others advance with it,
+        """After a uniform step: copies the first class counter (advanced by the kernel; the others advance with it,
         or not at all in a step over the whole buffer) to the other classes and the
         per-parameter entries."""
         for key, buf in self.scalar.items():

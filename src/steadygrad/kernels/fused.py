@@ -15,21 +15,25 @@ on the buffer's unit-class views.
   LR scheduler (OneCycleLR also cycles betas and momentum) never recompiles. Structural options
   (amsgrad, centered, maximize, a hyperparameter switching between zero and non-zero) select a
   separately compiled step.
-* The step applies when every parameter of every group that was stepped before is stepped again
-  (has a gradient), the parameters are real, dense and contiguous, and the transforms declare
-  ``structure`` ``"elements"`` or ``"units"``. Otherwise the optimizer takes the reference path
-  for that step, on the same views, with the same result.
+* The step applies when the parameters are real, dense and contiguous and the transforms declare
+  ``structure`` ``"elements"`` or ``"units"``. Otherwise the optimizer takes the reference path,
+  on the same views, with the same result.
 * Where ``torch.compile`` is unavailable or fails, the same function runs eagerly over the flat
   buffers (still a handful of large foreach operations instead of several per parameter), with a
   warning; ``STEADYGRAD_COMPILE=0`` selects that directly, and ``STEADYGRAD_COMPILE_BACKEND``
   picks another ``torch.compile`` backend.
 * torch's semantics: a parameter that took part in the first fused step is a view into the
-  flat buffer from then on, and so is its gradient; ``zero_grad()`` zeroes the buffer instead of
-  setting gradients to ``None``. A gradient replaced by a new tensor (a module's own
-  ``zero_grad()``) is copied back into the buffer at the next step. A parameter without a
-  gradient is not stepped: that step takes the reference path on the same views, and the fused
-  path goes on only while the parameters' step counts still agree. Replaced parameter data
-  (``p.data = ...``) lays the buffers out again from the new values.
+  flat buffer from then on, and so is its gradient. ``zero_grad()`` sets the gradients to
+  ``None`` as torch's does; a new gradient is copied into the buffer at the next step
+  (``zero_grad(set_to_none=False)`` zeroes the buffer in place and saves that copy). A parameter
+  without a gradient is not stepped (value, state and step count stay), for any subset of the
+  parameters at any step: while all parameters have a gradient and have stepped as often, the
+  step runs with one counter per buffer; otherwise a *segmented* step (a second compiled
+  program) reads each element's counter from a per-parameter table and keeps the old value of
+  every element of a parameter not stepped (:func:`_segmented`; for element-wise programs; a
+  unit-wise one takes the reference path while some gradient is missing, and gives up once the
+  counts part). A parameter that gets its first gradient after the buffers were built, and
+  replaced parameter data (``p.data = ...``) or state entries, lay the buffers out again.
 """
 
 from __future__ import annotations
@@ -38,14 +42,14 @@ import os
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates
-from ..core.state import Replicated
+from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates, gate_increment
+from ..core.state import Replicated, rebuild_state
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, state_leaves
 from .flat import FlatGroup, ineligibility
@@ -132,7 +136,7 @@ class FusedExecutor:
         self._warned: set[str] = set()
         self._program_key: Any = None
         self._layout: Any = None
-        self._diverged = False  # a reference-path step may have advanced some counters only
+        self._uniform = True  # every parameter in the buffers has stepped as often (one counter)
 
     def __deepcopy__(self, memo: dict) -> FusedExecutor:
         return FusedExecutor()
@@ -173,7 +177,8 @@ class FusedExecutor:
     def _build(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> str | None:
         groups = []
         for index, group in enumerate(param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            # those with a gradient now, and those stepped before (they may have none this step)
+            params = [p for p in group["params"] if p.grad is not None or store.get(p)]
             if not params:
                 continue
             if len({id(p) for p in params}) != len(params):
@@ -207,6 +212,7 @@ class FusedExecutor:
                 flats.append(flat)
             groups.append(_Group(index, flats, hyper, tensors))
         self.groups = groups
+        self._uniform = all(f.uniform for g in groups for f in g.flats)
         self._program_key, self._layout = program.key, _layout(program)
         flat = {id(p) for g in groups for f in g.flats for p in f.params}
         self._outside = [p for group in param_groups for p in group["params"] if id(p) not in flat]
@@ -282,42 +288,39 @@ class FusedExecutor:
             if reason:
                 return self._give_up(reason)
         assert self.groups is not None
-        if not all(f.holds_data() and f.state_intact(store) for g in self.groups for f in g.flats):
+        if not all(f.holds_data() and f.state_intact(store) for g in self.groups for f in g.flats) or any(
+            p.grad is not None for p in self._outside
+        ):
             # A parameter's data or a state entry was replaced (``p.data = ...``,
-            # ``opt.state[p]["exp_avg"] = ...``): the buffers are laid out again from the
-            # tensors as they are now.
+            # ``opt.state[p]["exp_avg"] = ...``), or a parameter outside the buffers (no gradient
+            # and no state when they were built) now has a gradient: the buffers are laid out
+            # again from the tensors as they are now.
             self.invalidate()
             reason = self._build(program, param_groups, store)
             if reason:
                 return self._give_up(reason)
         flats = [f for g in self.groups for f in g.flats]
-        if any(f.counters_written() for f in flats):
-            self._diverged = True  # opt.state[p]["step"] written in place: the counters follow it
+        if any(f.counters_written() for f in flats):  # opt.state[p]["step"] written in place
+            self._uniform = all([f.sync_counters() for f in flats])
         replaced = [f for f in flats if not f.gradients_in_place()]
         for f in replaced:
             reason = next(filter(None, map(_sparse_gradient, f.params)), None)
             if reason:
                 return self._give_up(reason)
-        if any(f.missing_gradients() for f in replaced):
-            # torch's semantics: a parameter without a gradient is not stepped. This step takes
-            # the reference path (on the same views); the counters are checked before the next.
-            self._diverged = True
-            return False
-        if self._diverged:
-            if not all(f.sync_counters() for f in flats):
-                return self._give_up(
-                    "the parameters have taken different numbers of steps (some had no gradient at a step, or "
-                    "their step counters were set apart)"
-                )
-            self._diverged = False
-        # A parameter outside the flat buffers that now has a gradient changes the layout: it is
-        # stepped by the reference path, and since the parameters then no longer step together,
-        # the fused path stays off.
-        if any(p.grad is not None for p in self._outside):
-            return self._give_up("a parameter without a gradient at the first fused step now has one")
+        missing = any(f.missing_gradients() for f in replaced)
         if program.structure == "tensors":
             return self._give_up("a transform needs whole tensors (structure='tensors')")
-        plan = self._plan(program, param_groups)
+        if program.structure != "elements" and (missing or not self._uniform):
+            # Per-parameter counters and masks need one tensor per buffer (the element structure).
+            if not self._uniform:
+                return self._give_up(
+                    "the parameters have taken different numbers of steps, and a transform needs whole rows "
+                    "(structure='units')"
+                )
+            self._uniform = False  # the reference path steps those with a gradient only
+            return False
+        segmented = missing or not self._uniform
+        plan = self._plan(program, param_groups, segmented)
 
         for g in self.groups:
             self._refresh(param_groups[g.index], g.tensors)
@@ -325,9 +328,10 @@ class FusedExecutor:
             flat.adopt_gradients()
         if program.nonfinite == "raise" and not amp_skips(amp):
             # (GradScaler's inf step is skipped inside the kernel, not raised)
-            flat_params = [p for g in self.groups for f in g.flats for p in f.params]
+            flat_params = [p for f in flats for p in f.params if p.grad is not None]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
-        new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store), amp)
+        segments = [[(*f.segments(), f.present()) for f in g.flats] for g in self.groups] if segmented else None
+        new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store, segmented), amp, segments)
         for g, state in zip(self.groups, new_states):
             layout = program.groups[g.index].layout
             shared = Replicated(store, param_groups[g.index]["params"])
@@ -335,8 +339,12 @@ class FusedExecutor:
         if program.clip_layout is not None:
             members = [p for group in param_groups for p in group["params"]]
             program.clip_layout.store_shared(clip_state, Replicated(store, members))
-        for g in self.groups:
-            for flat in g.flats:
+        if segmented:
+            self._uniform = False
+            for flat in flats:
+                flat.record_versions()
+        else:
+            for flat in flats:
                 flat.publish_counters()
         return True
 
@@ -352,8 +360,9 @@ class FusedExecutor:
             self._warned.add(message)
             warnings.warn(message, stacklevel=5)
 
-    def _plan(self, program: Any, param_groups: list[dict[str, Any]]) -> _Plan:
-        plan = self._plans.get(program.key)
+    def _plan(self, program: Any, param_groups: list[dict[str, Any]], segmented: bool) -> _Plan:
+        key = (program.key, segmented)
+        plan = self._plans.get(key)
         if plan is None:
             hypers = []
             for g in self.groups:
@@ -361,13 +370,14 @@ class FusedExecutor:
                 g.hyper = self._hyper(group, g.tensors, g.flats[0].param_buf.device)
                 self._refresh(group, g.tensors)
                 hypers.append(_specialized(g.hyper, group))
-            fn = _step_function(program, [g.index for g in self.groups], hypers)
+            counters = [_counter_fields(program, g.index) for g in self.groups] if segmented else None
+            fn = _step_function(program, [g.index for g in self.groups], hypers, counters)
             kernel = _compile(fn) if compile_enabled() else fn
             plan = _Plan(_with_fallback(kernel, fn, self._warn), program)
-            self._plans[program.key] = plan
+            self._plans[key] = plan
         return plan
 
-    def _arguments(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> tuple:
+    def _arguments(self, program: Any, param_groups: list[dict[str, Any]], store: Any, segmented: bool) -> tuple:
         structure = program.structure
         params, grads, states = [], [], []
         for g in self.groups:
@@ -375,13 +385,13 @@ class FusedExecutor:
             params.append([v for f in g.flats for v in f.class_views(f.param_buf, structure)])
             grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, structure)])
             shared = Replicated(store, param_groups[g.index]["params"])
-            state = _gather_flat(layout, g.flats, shared, structure)
+            state = _gather_flat(layout, g.flats, shared, structure, segmented)
             states.append(layout.transform.reserve(state))  # room for this step, outside compiled code
         clip_state = None
         if program.clip_layout is not None:
             flats = [f for g in self.groups for f in g.flats]
             members = [p for group in param_groups for p in group["params"]]
-            clip_state = _gather_flat(program.clip_layout, flats, Replicated(store, members), structure)
+            clip_state = _gather_flat(program.clip_layout, flats, Replicated(store, members), structure, segmented)
             clip_state = program.clip.reserve(clip_state)
         return params, grads, states, clip_state
 
@@ -421,6 +431,18 @@ def _counter_keys(program: Any, index: int) -> frozenset[str]:
     return frozenset(out)
 
 
+def _counter_fields(program: Any, index: int) -> tuple[frozenset, frozenset]:
+    """The ``(leaf, field)`` of the step counters in the state of group ``index``'s chain and of
+    ``clip``: what a segmented step expands from per-parameter tables to per-element values."""
+    keys = _counter_keys(program, index)
+
+    def fields(layout: Any) -> frozenset:
+        return frozenset((k.leaf, k.field) for k in layout.per_param if k.key in keys)
+
+    clip = fields(program.clip_layout) if program.clip_layout is not None else frozenset()
+    return fields(program.groups[index].layout), clip
+
+
 def _layout(program: Any) -> tuple:
     """The per-parameter state keys of a program: what the flat buffers hold."""
     keys = [tuple(k.key for k in g.layout.per_param) for g in program.groups]
@@ -429,14 +451,22 @@ def _layout(program: Any) -> tuple:
     return tuple(keys)
 
 
-def _step_function(program: Any, indices: list[int], hypers: list[dict[str, Any]]) -> Callable:
+def _step_function(
+    program: Any, indices: list[int], hypers: list[dict[str, Any]], counters: list[tuple[frozenset, frozenset]] | None
+) -> Callable:
     """The step over flat buffers: ``clip`` once over all groups, then each group's chain, its
-    updates added to the parameters (``apply_``), exactly as the reference executor does."""
+    updates added to the parameters (``apply_``), exactly as the reference executor does.
+
+    ``counters`` makes a *segmented* step (the parameters' step counts differ, or some have no
+    gradient at this step): per group, the ``(leaf, field)`` of the counters in its chain's state
+    and in ``clip``'s. The step then gets ``segments``, per group and flat buffer the parameter of
+    every element, the elements of every parameter and which parameters are stepped; each
+    transform runs under :func:`_segmented`. Otherwise ``segments`` is ``None``."""
     clip = program.clip
     skip = program.nonfinite == "skip"
     parts = [program.groups[i] for i in indices]
 
-    def step(params, grads, states, clip_state, amp):
+    def step(params, grads, states, clip_state, amp, segments):
         # GradScaler's grad_scale/found_inf: unscaled in place (the same loop), found_inf gates.
         # nonfinite="skip": the gate from one max-abs reduction over the gradients; every state
         # update and the parameter update select under it, in the same loop.
@@ -445,20 +475,102 @@ def _step_function(program: Any, indices: list[int], hypers: list[dict[str, Any]
         gate = combine_gates(gate, all_finite(flat_grads) if skip else None)
         gate = None if gate is None else gate.to(torch.float32)
         updates = [working_copy(gr, part.maximize) for gr, part in zip(grads, parts)]
+        if counters is not None:
+            kept = [[p.clone() for p in ps] for ps in params]
         if clip is not None:
             flat_params = [p for ps in params for p in ps]
             flat_updates = [u for us in updates for u in us]
             ctx = StepContext(gate=gate, reserved=True)  # _arguments made room (Transform.reserve)
-            flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, ctx)
+            if counters is None:
+                flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, ctx)
+            else:
+                fields = frozenset().union(*(c for _, c in counters))
+                flat_segments = [s for segs in segments for s in segs]
+                flat_updates, clip_state = _segmented(
+                    lambda state, ctx: clip.update(flat_updates, state, flat_params, ctx),
+                    clip_state,
+                    fields,
+                    flat_segments,
+                    ctx,
+                )
             updates = split_like(flat_updates, updates)
         new_states = []
-        for part, hyper, ps, us, state in zip(parts, hypers, params, updates, states):
-            new = part.transform.apply_(ps, us, state, StepContext(hyper, gate=gate, reserved=True))
-            _copy_back(state, new)
+        for i, (part, hyper, ps, us, state) in enumerate(zip(parts, hypers, params, updates, states)):
+            ctx = StepContext(hyper, gate=gate, reserved=True)
+            if counters is None:
+                new = part.transform.apply_(ps, us, state, ctx)
+                _copy_back(state, new)
+            else:
+                _, new = _segmented(
+                    lambda state, ctx, ps=ps, us=us, part=part: (None, part.transform.apply_(ps, us, state, ctx)),
+                    state,
+                    counters[i][0],
+                    segments[i],
+                    ctx,
+                )
+                for p, old, (index, _, present) in zip(ps, kept[i], segments[i]):
+                    p.copy_(torch.where(present[index], p, old))  # the parameters not stepped
             new_states.append(new)
         return new_states, clip_state
 
     return step
+
+
+def _segmented(call: Callable, tables: Any, counters: frozenset, segments: list, ctx: StepContext) -> tuple[Any, Any]:
+    """One transform call of a segmented step, on one tensor per flat buffer. ``tables``: its
+    state, with a table of one value per parameter for each counter field (``counters``);
+    ``segments``: per tensor ``(index, numels, present)``.
+
+    The transform gets each element's counter (``table[index]``: a gather inside the loop), the
+    number of elements stepped per tensor (:attr:`StepContext.sizes`), and afterwards every element
+    of a parameter that is not stepped gets its old value back in every per-element state field.
+    The tables advance, for the parameters stepped, by what the transform advanced the counters
+    (the commit gate's increment: the same for every element). Returns what ``call`` returns,
+    ``(result, new state)``."""
+    indexes = [index for index, _, _ in segments]
+    masks = [present[index] for index, _, present in segments]
+    leaves = [leaf for _, leaf in state_leaves(tables)]
+    expanded = []
+    for i, leaf in enumerate(leaves):
+        chosen = {
+            f: [table[index] for table, index in zip(getattr(leaf, f), indexes)]
+            for f in leaf._fields
+            if (i, f) in counters
+        }
+        expanded.append(leaf._replace(**chosen) if chosen else leaf)
+    state = rebuild_state(tables, expanded)
+    per_element = [
+        getattr(leaf, f)
+        for i, leaf in enumerate(expanded)
+        for f in leaf._fields
+        if isinstance(getattr(leaf, f), list) and (i, f) not in counters
+    ]
+    olds = [[t.clone() for t in ts] for ts in per_element]
+    firsts = {
+        (i, f): [c.reshape(-1)[:1].clone() for c in getattr(leaf, f)]
+        for i, leaf in enumerate(expanded)
+        for f in leaf._fields
+        if (i, f) in counters
+    }
+    sizes = [(present * numels).sum() for _, numels, present in segments]
+    result, new = call(state, replace(ctx, sizes=sizes))
+    _copy_back(state, new)
+    for ts, olds_ in zip(per_element, olds):
+        for t, old, mask in zip(ts, olds_, masks):
+            t.copy_(torch.where(mask, t, old))
+    for (i, f), before in firsts.items():
+        after = getattr(expanded[i], f)
+        # the increment, from the first tensor with elements (a flat buffer of empty parameters
+        # only has none: the gate's increment then, as core.gate.advance_ applies it)
+        with_elements = [k for k, c in enumerate(after) if c.numel()]
+        for table, (_, _, present) in zip(getattr(leaves[i], f), segments):
+            if with_elements:
+                k = with_elements[0]
+                delta = (after[k].reshape(-1)[:1] - before[k]).reshape(())
+            else:
+                delta = gate_increment(ctx.gate, table)
+            table.add_(torch.where(present, delta, torch.zeros_like(table)).to(table.dtype))
+    return result, new
 
 
 def _specialized(hyper: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
@@ -495,12 +607,15 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
     return run
 
 
-def _gather_flat(layout: Any, flats: list[FlatGroup], shared: Replicated, structure: str) -> Any:
-    """The transform state over the views of ``flats`` for ``structure``."""
+def _gather_flat(layout: Any, flats: list[FlatGroup], shared: Replicated, structure: str, segmented: bool) -> Any:
+    """The transform state over the views of ``flats`` for ``structure``; a segmented step gets
+    the per-parameter counter tables themselves (the step function expands them per element)."""
 
     def per_param(k: Any) -> list[Tensor]:
         if k.key in flats[0].full:
             return [v for f in flats for v in f.class_views(f.full[k.key], structure)]
+        if segmented:
+            return [f.scalar[k.key] for f in flats]
         return [v for f in flats for v in f.counter_views(k.key, structure)]
 
     return layout.assemble(per_param, shared)

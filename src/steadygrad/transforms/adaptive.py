@@ -95,6 +95,7 @@ def _moment_clip_or_ema(
     k: Scalar | None,
     scale: float = 1.0,
     shards: Any = None,
+    sizes: Any = None,
 ) -> Tensor | None:
     """The second moment's EMA from the raw gradient (``scale · grads``); with ``k``, OpenAI Five's
     clipping of the gradient (in place) with this very moment, from the steps before this one
@@ -104,7 +105,7 @@ def _moment_clip_or_ema(
         return None
     if scale != 1:
         raise ValueError("moment_clip writes the gradients: apply the pending factor first")
-    return moment_clip_(grads, v, steps, k=k, beta=beta, gate=gate, shards=shards)
+    return moment_clip_(grads, v, steps, k=k, beta=beta, gate=gate, shards=shards, sizes=sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,11 +341,13 @@ def rms_update(
     scale: float = 1.0,
     scratch: Scratch | None = None,
     shards: Any = None,
+    sizes: Any = None,
 ) -> tuple[Quotient, Tensor | None]:
     """RMSProp's scaling: updates the state in place, returns the updates; centered iff
     ``grad_avg`` is given. ``scale``: the gradient is ``scale · grads`` (as for
     :func:`rss_update`; 1 with ``moment_clip``); ``scratch``: as for :func:`rss_update`; ``shards``:
-    the local shards' layout, for ``moment_clip``'s statistic over whole tensors.
+    the local shards' layout, and ``sizes`` (:attr:`~steadygrad.core.transform.StepContext.sizes`),
+    for ``moment_clip``'s statistic.
 
     .. math::
         v \\leftarrow \\alpha v + (1-\\alpha) g^2,\\quad
@@ -359,7 +362,7 @@ def rms_update(
     Returns:
         ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
-    fraction = _moment_clip_or_ema(grads, square_avg, steps, alpha, gate, moment_clip, scale, shards)
+    fraction = _moment_clip_or_ema(grads, square_avg, steps, alpha, gate, moment_clip, scale, shards, sizes)
     advance_(steps, gate)
     if grad_avg is not None:
         ema_(grad_avg, grads, alpha, gate, scale)
@@ -427,6 +430,7 @@ class ScaleByRms(_MomentClipped):
             scale=scale,
             scratch=ctx.scratch,
             shards=ctx.shards,
+            sizes=ctx.sizes,
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
@@ -538,13 +542,14 @@ def adam_update(
     scratch: Scratch | list[Tensor] | None = None,
     scale: float = 1.0,
     shards: Any = None,
+    sizes: Any = None,
 ) -> tuple[Quotient, Tensor | None]:
     """Adam's scaling: updates the state in place, returns the updates; amsgrad iff
     ``max_exp_avg_sq`` is given. ``scratch``: where the denominator goes, a workspace's
     :class:`~steadygrad.core.workspace.Scratch` or tensors the caller owns and no longer needs once
     the moments are updated (``grads`` themselves), else new tensors. ``scale``: the gradient is
     ``scale · grads`` (as for :func:`rss_update`; 1 with ``moment_clip``); ``shards`` as for
-    :func:`rms_update`.
+    :func:`rms_update`, and ``sizes``.
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
@@ -564,7 +569,7 @@ def adam_update(
     # (Under a closed commit gate the counters stay, and the discarded updates use t = count + 1.)
     bc1 = bias_correction(beta1, steps, offset=-1)
     bc2 = bias_correction(beta2, steps, offset=-1)
-    fraction = _moment_clip_or_ema(grads, exp_avg_sq, steps, beta2, gate, moment_clip, scale, shards)
+    fraction = _moment_clip_or_ema(grads, exp_avg_sq, steps, beta2, gate, moment_clip, scale, shards, sizes)
     advance_(steps, gate)
     ema_(exp_avg, grads, beta1, gate, scale)
     if max_exp_avg_sq is not None:
@@ -623,6 +628,7 @@ class ScaleByAdam(_MomentClipped):
             scratch=ctx.scratch if ctx.scratch is not None else updates if _reuse(updates, ctx) else None,
             scale=scale,
             shards=ctx.shards,
+            sizes=ctx.sizes,
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))

@@ -92,12 +92,13 @@ def fraction_of(counts: Sequence[Tensor], total: int, device: torch.device | Non
     return (summed.to(torch.float64) / total).to(torch.float32)
 
 
-def element_fraction(counts: Sequence[Tensor], sizes: Sequence[int], shards: Any = None) -> Tensor:
+def element_fraction(counts: Sequence[Tensor], sizes: Sequence[int | Tensor], shards: Any = None) -> Tensor:
     """The fraction ``Σ counts / Σ sizes`` of per-element (or per-unit) counts of tensors whose
-    elements are ``sizes``; with ``shards`` (local shards of DTensors,
+    elements are ``sizes`` (numbers, or 0-d tensors: :attr:`~steadygrad.core.transform.StepContext.sizes`);
+    with ``shards`` (local shards of DTensors,
     :attr:`~steadygrad.core.transform.StepContext.shards`) over the whole tensors, summed over the
     ranks that hold their shards, so that every rank reports the same statistic."""
-    if shards is None:
+    if shards is None and not any(isinstance(s, Tensor) for s in sizes):
         return fraction_of(counts, sum(sizes))
     total = shard_sum(list(sizes), shards)
     summed = shard_sum(list(counts), shards)

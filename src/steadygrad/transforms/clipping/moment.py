@@ -57,11 +57,14 @@ def moment_threshold(nu: list[Tensor], count: list[Tensor], *, k: Scalar, beta: 
     return threshold
 
 
-def clamp_to_threshold_(updates: list[Tensor], threshold: list[Tensor], shards: Any = None) -> Tensor:
+def clamp_to_threshold_(
+    updates: list[Tensor], threshold: list[Tensor], shards: Any = None, sizes: Any = None
+) -> Tensor:
     """``u ← clamp(u, −τ, τ)`` in place (``threshold`` is consumed); returns the fraction of
-    elements with ``|u| > τ`` as a 0-d float32 tensor (of whole tensors with ``shards``)."""
+    elements with ``|u| > τ`` as a 0-d float32 tensor (of whole tensors with ``shards``, of
+    ``sizes`` elements per tensor if given: :attr:`~steadygrad.core.transform.StepContext.sizes`)."""
     counts = [torch.count_nonzero(u.abs() > thr) for u, thr in zip(updates, threshold)]
-    sizes = [u.numel() for u in updates]
+    sizes = [u.numel() for u in updates] if sizes is None else sizes
     torch._foreach_clamp_max_(updates, threshold)
     torch._foreach_neg_(threshold)
     torch._foreach_clamp_min_(updates, threshold)
@@ -77,6 +80,7 @@ def moment_clip_(
     beta: Scalar,
     gate: Tensor | None = None,
     shards: Any = None,
+    sizes: Any = None,
 ) -> Tensor:
     """OpenAI Five's clipping, in place on ``updates`` and ``nu``; ``count`` is read, not advanced.
 
@@ -100,7 +104,7 @@ def moment_clip_(
         raise ValueError(f"moment_clip_: {len(updates)} updates, {len(nu)} nu and {len(count)} count tensors")
     threshold = moment_threshold(nu, count, k=k, beta=beta)
     ema_square_(nu, updates, beta, gate)
-    return clamp_to_threshold_(updates, threshold, shards)
+    return clamp_to_threshold_(updates, threshold, shards, sizes)
 
 
 def moment_clip_update(
@@ -112,10 +116,11 @@ def moment_clip_update(
     beta: Scalar,
     gate: Tensor | None = None,
     shards: Any = None,
+    sizes: Any = None,
 ) -> tuple[list[Tensor], Tensor]:
     """:func:`clip_by_moment`'s step: :func:`moment_clip_` with its own counters, which advance
     (by the gate). Returns ``(updates, fraction)``."""
-    fraction = moment_clip_(updates, nu, count, k=k, beta=beta, gate=gate, shards=shards)
+    fraction = moment_clip_(updates, nu, count, k=k, beta=beta, gate=gate, shards=shards, sizes=sizes)
     advance_(count, gate)
     return updates, fraction
 
@@ -158,7 +163,7 @@ class ClipByMoment(Transform):
         gate = ctx.gate
         k, beta = ctx.value(self.k), ctx.value(self.beta)
         updates, fraction = moment_clip_update(
-            updates, state.nu, state.count, k=k, beta=beta, gate=gate, shards=ctx.shards
+            updates, state.nu, state.count, k=k, beta=beta, gate=gate, shards=ctx.shards, sizes=ctx.sizes
         )
         return updates, state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
 

@@ -18,7 +18,9 @@ from .common import ClipState, element_fraction, new_fraction
 __all__ = ["ClipByValue", "clip_by_value", "value_clip_update"]
 
 
-def value_clip_update(updates: list[Tensor], *, limit: Scalar, shards: Any = None) -> tuple[list[Tensor], Tensor]:
+def value_clip_update(
+    updates: list[Tensor], *, limit: Scalar, shards: Any = None, sizes: Any = None
+) -> tuple[list[Tensor], Tensor]:
     """Element-wise clipping to ``[-limit, limit]``, in place on ``updates``.
 
     .. math::
@@ -26,10 +28,11 @@ def value_clip_update(updates: list[Tensor], *, limit: Scalar, shards: Any = Non
 
     Returns:
         ``(updates, fraction)``: the fraction of elements with ``|u| > limit`` (of whole tensors
-        with ``shards``, :func:`~steadygrad.transforms.clipping.common.element_fraction`).
+        with ``shards``, :func:`~steadygrad.transforms.clipping.common.element_fraction`; of
+        ``sizes`` elements per tensor if given, see :attr:`~steadygrad.core.transform.StepContext.sizes`).
     """
     counts = [torch.count_nonzero(u.abs() > limit) for u in updates]
-    sizes = [u.numel() for u in updates]
+    sizes = [u.numel() for u in updates] if sizes is None else sizes
     if isinstance(limit, Tensor):
         torch._foreach_clamp_max_(updates, [limit] * len(updates))
         torch._foreach_clamp_min_(updates, [-limit] * len(updates))
@@ -53,7 +56,7 @@ class ClipByValue(Transform):
         return ClipState(fraction_clipped=new_fraction(params))
 
     def update(self, updates, state, params=None, ctx=PLAIN):
-        updates, fraction = value_clip_update(updates, limit=ctx.value(self.limit), shards=ctx.shards)
+        updates, fraction = value_clip_update(updates, limit=ctx.value(self.limit), shards=ctx.shards, sizes=ctx.sizes)
         return updates, ClipState(commit_select(ctx.gate, fraction, state.fraction_clipped))
 
 
