@@ -41,7 +41,7 @@ from .dtensor import is_dtensor, local_tensor, split_shards
 from .tensorlist import any_complex, as_real, from_real
 from .transform import PLAIN, StepContext, Transform, apply_scale, state_leaves
 
-__all__ = ["Replicated", "SharedDict", "StateKey", "StateLayout", "rebuild_state", "state_keys"]
+__all__ = ["Replicated", "SharedDict", "StateKey", "StateLayout", "state_keys"]
 
 
 class StateKey(NamedTuple):
@@ -330,12 +330,6 @@ class StateLayout:
                 entry = store.get(p)
                 if entry and k.key in entry:
                     entry[k.key] = value
-
-
-def rebuild_state(template: Any, leaves: Sequence[Any]) -> Any:
-    """A state in the nesting of ``template`` (a chain's nested tuples) from its transform
-    states ``leaves`` in chain order (:func:`~steadygrad.core.transform.state_leaves`)."""
-    return _rebuild(template, iter(leaves))
 
 
 def _rebuild(template: Any, leaves: Any) -> Any:

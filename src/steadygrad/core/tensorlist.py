@@ -37,6 +37,7 @@ __all__ = [
     "mul_scalar_",
     "new_steps",
     "on_device",
+    "per_element",
     "scalar_dtype",
     "split_like",
     "types",
@@ -224,7 +225,7 @@ def _bias_correction_op(beta: Tensor, steps: list[Tensor], offset: int) -> list[
 
 @_bias_correction_op.register_fake
 def _(beta: Tensor, steps: list[Tensor], offset: int) -> list[Tensor]:
-    return [torch.empty((), dtype=torch.float64, device=s.device) for s in steps]
+    return [torch.empty(s.shape, dtype=torch.float64, device=s.device) for s in steps]
 
 
 _CPU = torch.device("cpu")
@@ -264,7 +265,11 @@ def host_steps(steps: Sequence[Tensor]) -> list[float] | None:
     torch.optim reads its CPU ``step`` tensors the same way (``.item()``) to compute bias
     corrections with Python floats; a scalar list then goes into one foreach call instead of a
     tensor operation per parameter."""
-    if torch.compiler.is_compiling() or not steps or any(s.device.type != "cpu" or s.requires_grad for s in steps):
+    if (
+        torch.compiler.is_compiling()
+        or not steps
+        or any(s.device.type != "cpu" or s.requires_grad or s.dim() for s in steps)
+    ):
         return None
     return [s.item() for s in steps]
 
@@ -277,15 +282,15 @@ def bias_correction(beta: Scalar, steps: Sequence[Tensor], offset: int = 0) -> l
     Under ``torch.compile`` the values come from one opaque op (``steadygrad::bias_correction``)
     for all the counters: inductor would otherwise inline the scalar ``pow`` into the vectorised
     loop over the parameters and evaluate it once per vector of 16 elements (measured: 32 ms
-    instead of 5 ms for an Adam step on 10M parameters on 2 CPU cores). Counters of more than one
-    element (a segmented fused step gives each element its parameter's count) are computed in the
-    graph, once per element.
+    instead of 5 ms for an Adam step on 10M parameters on 2 CPU cores). A counter may be a table
+    of one count per parameter (:attr:`~steadygrad.core.transform.StepContext.segments`): one
+    value per entry, to be gathered per element with :func:`per_element`.
     """
     if not isinstance(beta, Tensor):
         values = host_steps(steps)
         if values is not None:
             return [1 - beta ** (t - offset) for t in values]
-    if torch.compiler.is_compiling() and all(s.dim() == 0 for s in steps):
+    if torch.compiler.is_compiling():
         base = beta if isinstance(beta, Tensor) else torch.tensor(beta, dtype=torch.float64)
         return list(_bias_correction_op(base, list(steps), offset))
     exponents = [s.to(torch.float64) - offset if offset else s.to(torch.float64) for s in steps]
@@ -293,6 +298,16 @@ def bias_correction(beta: Scalar, steps: Sequence[Tensor], offset: int = 0) -> l
         beta = beta.to(torch.float64)
         return [1 - beta**e for e in exponents]
     return [1 - torch.pow(beta, e) for e in exponents]
+
+
+def per_element(values: Sequence[Any], segments: Sequence[Tensor] | None) -> list[Any]:
+    """Per-counter values (one per tensor: a number, a 0-d tensor, or a table with one value per
+    parameter) for element-wise use: a table is gathered through the tensor's ``segments`` (the
+    parameter of each element, :attr:`~steadygrad.core.transform.StepContext.segments`); the
+    others are returned as they are."""
+    if segments is None:
+        return list(values)
+    return [v[s] if isinstance(v, Tensor) and v.dim() else v for v, s in zip(values, segments)]
 
 
 def on_device(t: Tensor, device: torch.device) -> Tensor:

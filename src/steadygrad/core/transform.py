@@ -145,6 +145,11 @@ class StepContext:
             this step. A fused step's flat buffer also holds the parameters that have no gradient at
             this step (zero, and left as they were); a per-element statistic (the fraction of
             elements clipped) divides by these counts instead of ``numel()``.
+        segments: ``None``, or one int32 tensor per tensor given, laid out like it: the parameter
+            of each of its elements. The step counters in the state are then tables of one value
+            per parameter (a fused step's flat buffer holds parameters that have stepped different
+            numbers of times); a transform computes its factors from them on the tables and
+            gathers them per element (:func:`~steadygrad.core.tensorlist.per_element`).
     """
 
     hyper: Mapping[str, Any] = field(default_factory=dict)
@@ -157,6 +162,7 @@ class StepContext:
     reserved: bool = False
     complex_views: Any = None
     sizes: Any = None
+    segments: Any = None
 
     def value(self, v: Any) -> Any:
         """``v`` itself, or the group's value if ``v`` is a :class:`Hyper` (1-element tensors as

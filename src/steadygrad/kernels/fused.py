@@ -29,8 +29,9 @@ on the buffer's unit-class views.
   without a gradient is not stepped (value, state and step count stay), for any subset of the
   parameters at any step: while all parameters have a gradient and have stepped as often, the
   step runs with one counter per buffer; otherwise a *segmented* step (a second compiled
-  program) reads each element's counter from a per-parameter table and keeps the old value of
-  every element of a parameter not stepped (:func:`_segmented`; for element-wise programs; a
+  program) keeps the counters as per-parameter tables, computes the transforms' counter factors
+  (bias corrections) on them and gathers them per element, and keeps the old value of every
+  element (and table entry) of a parameter not stepped (:func:`_segmented`; for element-wise programs; a
   unit-wise one takes the reference path while some gradient is missing, and gives up once the
   counts part). A parameter that gets its first gradient after the buffers were built, and
   replaced parameter data (``p.data = ...``) or state entries, lay the buffers out again.
@@ -48,8 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates, gate_increment
-from ..core.state import Replicated, rebuild_state
+from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates
+from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, state_leaves
 from .flat import FlatGroup, ineligibility
@@ -459,9 +460,10 @@ def _step_function(
 
     ``counters`` makes a *segmented* step (the parameters' step counts differ, or some have no
     gradient at this step): per group, the ``(leaf, field)`` of the counters in its chain's state
-    and in ``clip``'s. The step then gets ``segments``, per group and flat buffer the parameter of
-    every element, the elements of every parameter and which parameters are stepped; each
-    transform runs under :func:`_segmented`. Otherwise ``segments`` is ``None``."""
+    and in ``clip``'s, which the step gets as per-parameter tables. It then also gets
+    ``segments``, per group and flat buffer the parameter of every element, the elements of every
+    parameter and which parameters are stepped; each transform runs under :func:`_segmented`.
+    Otherwise ``segments`` is ``None``."""
     clip = program.clip
     skip = program.nonfinite == "skip"
     parts = [program.groups[i] for i in indices]
@@ -516,60 +518,33 @@ def _step_function(
     return step
 
 
-def _segmented(call: Callable, tables: Any, counters: frozenset, segments: list, ctx: StepContext) -> tuple[Any, Any]:
-    """One transform call of a segmented step, on one tensor per flat buffer. ``tables``: its
+def _segmented(call: Callable, state: Any, counters: frozenset, segments: list, ctx: StepContext) -> tuple[Any, Any]:
+    """One transform call of a segmented step, on one tensor per flat buffer. ``state``: its
     state, with a table of one value per parameter for each counter field (``counters``);
     ``segments``: per tensor ``(index, numels, present)``.
 
-    The transform gets each element's counter (``table[index]``: a gather inside the loop), the
-    number of elements stepped per tensor (:attr:`StepContext.sizes`), and afterwards every element
-    of a parameter that is not stepped gets its old value back in every per-element state field.
-    The tables advance, for the parameters stepped, by what the transform advanced the counters
-    (the commit gate's increment: the same for every element). Returns what ``call`` returns,
-    ``(result, new state)``."""
+    The transform gets the parameter of every element (:attr:`StepContext.segments`: it computes
+    its counter factors on the tables and gathers them per element) and the number of elements
+    stepped per tensor (:attr:`StepContext.sizes`). Afterwards every per-parameter field gets its
+    old values back where the parameter is not stepped: per element, and per table entry for the
+    counters. Returns what ``call`` returns, ``(result, new state)``."""
+    masks = {}
+    kept = []
+    for i, (_, leaf) in enumerate(state_leaves(state)):
+        for f in leaf._fields:
+            value = getattr(leaf, f)
+            if isinstance(value, list):
+                per_table = (i, f) in counters
+                masks[i, f] = [present if per_table else present[index] for index, _, present in segments]
+                kept.append(((i, f), [t.clone() for t in value]))
     indexes = [index for index, _, _ in segments]
-    masks = [present[index] for index, _, present in segments]
-    leaves = [leaf for _, leaf in state_leaves(tables)]
-    expanded = []
-    for i, leaf in enumerate(leaves):
-        chosen = {
-            f: [table[index] for table, index in zip(getattr(leaf, f), indexes)]
-            for f in leaf._fields
-            if (i, f) in counters
-        }
-        expanded.append(leaf._replace(**chosen) if chosen else leaf)
-    state = rebuild_state(tables, expanded)
-    per_element = [
-        getattr(leaf, f)
-        for i, leaf in enumerate(expanded)
-        for f in leaf._fields
-        if isinstance(getattr(leaf, f), list) and (i, f) not in counters
-    ]
-    olds = [[t.clone() for t in ts] for ts in per_element]
-    firsts = {
-        (i, f): [c.reshape(-1)[:1].clone() for c in getattr(leaf, f)]
-        for i, leaf in enumerate(expanded)
-        for f in leaf._fields
-        if (i, f) in counters
-    }
     sizes = [(present * numels).sum() for _, numels, present in segments]
-    result, new = call(state, replace(ctx, sizes=sizes))
+    result, new = call(state, replace(ctx, sizes=sizes, segments=indexes))
     _copy_back(state, new)
-    for ts, olds_ in zip(per_element, olds):
-        for t, old, mask in zip(ts, olds_, masks):
+    leaves = [leaf for _, leaf in state_leaves(state)]
+    for (i, f), olds in kept:
+        for t, old, mask in zip(getattr(leaves[i], f), olds, masks[i, f]):
             t.copy_(torch.where(mask, t, old))
-    for (i, f), before in firsts.items():
-        after = getattr(expanded[i], f)
-        # the increment, from the first tensor with elements (a flat buffer of empty parameters
-        # only has none: the gate's increment then, as core.gate.advance_ applies it)
-        with_elements = [k for k, c in enumerate(after) if c.numel()]
-        for table, (_, _, present) in zip(getattr(leaves[i], f), segments):
-            if with_elements:
-                k = with_elements[0]
-                delta = (after[k].reshape(-1)[:1] - before[k]).reshape(())
-            else:
-                delta = gate_increment(ctx.gate, table)
-            table.add_(torch.where(present, delta, torch.zeros_like(table)).to(table.dtype))
     return result, new
 
 

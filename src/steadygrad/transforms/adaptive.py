@@ -47,6 +47,7 @@ from ..core.tensorlist import (
     host_scalar,
     host_steps,
     new_steps,
+    per_element,
     zeros_like,
 )
 from ..core.transform import PLAIN, Quotient, Transform, apply_scale
@@ -96,6 +97,7 @@ def _moment_clip_or_ema(
     scale: float = 1.0,
     shards: Any = None,
     sizes: Any = None,
+    segments: Any = None,
 ) -> Tensor | None:
     """The second moment's EMA from the raw gradient (``scale · grads``); with ``k``, OpenAI Five's
     clipping of the gradient (in place) with this very moment, from the steps before this one
@@ -105,7 +107,7 @@ def _moment_clip_or_ema(
         return None
     if scale != 1:
         raise ValueError("moment_clip writes the gradients: apply the pending factor first")
-    return moment_clip_(grads, v, steps, k=k, beta=beta, gate=gate, shards=shards, sizes=sizes)
+    return moment_clip_(grads, v, steps, k=k, beta=beta, gate=gate, shards=shards, sizes=sizes, segments=segments)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +133,7 @@ def rss_update(
     gate: Tensor | None = None,
     scale: float = 1.0,
     scratch: Scratch | None = None,
+    segments: Any = None,
 ) -> Quotient:
     """Adagrad's scaling: updates ``sums`` and ``steps`` in place, returns the updates.
 
@@ -140,7 +143,8 @@ def rss_update(
 
     ``scale``: the gradient is ``scale · grads`` (a clipping coefficient folded in, see
     :attr:`~steadygrad.core.transform.StepContext.scale`). ``scratch``: kept memory for the
-    denominator (:mod:`steadygrad.core.workspace`).
+    denominator (:mod:`steadygrad.core.workspace`). ``segments``: the counters are per-parameter
+    tables (:attr:`~steadygrad.core.transform.StepContext.segments`).
     """
     advance_(steps, gate)
     if gate is None:
@@ -155,7 +159,8 @@ def rss_update(
     counts = None if isinstance(lr_decay, Tensor) else host_steps(steps)
     if counts is not None:
         return Quotient(grads, den, [scale / ((t - 1) * lr_decay + 1) for t in counts])
-    return Quotient(grads, den, [scale / ((s.to(torch.float64) - 1) * lr_decay + 1) for s in steps])
+    factors = [scale / ((s.to(torch.float64) - 1) * lr_decay + 1) for s in steps]
+    return Quotient(grads, den, per_element(factors, segments))
 
 
 @torch.no_grad()
@@ -279,6 +284,7 @@ class ScaleByRss(_Scaling):
             gate=ctx.gate,
             scale=scale,
             scratch=ctx.scratch,
+            segments=ctx.segments,
         )
         return pending, state
 
@@ -342,12 +348,14 @@ def rms_update(
     scratch: Scratch | None = None,
     shards: Any = None,
     sizes: Any = None,
+    segments: Any = None,
 ) -> tuple[Quotient, Tensor | None]:
     """RMSProp's scaling: updates the state in place, returns the updates; centered iff
     ``grad_avg`` is given. ``scale``: the gradient is ``scale · grads`` (as for
     :func:`rss_update`; 1 with ``moment_clip``); ``scratch``: as for :func:`rss_update`; ``shards``:
     the local shards' layout, and ``sizes`` (:attr:`~steadygrad.core.transform.StepContext.sizes`),
-    for ``moment_clip``'s statistic.
+    for ``moment_clip``'s statistic; ``segments``: the counters are per-parameter tables
+    (:attr:`~steadygrad.core.transform.StepContext.segments`).
 
     .. math::
         v \\leftarrow \\alpha v + (1-\\alpha) g^2,\\quad
@@ -362,7 +370,7 @@ def rms_update(
     Returns:
         ``(updates, fraction)``: the fraction of elements clipped (``None`` without moment_clip).
     """
-    fraction = _moment_clip_or_ema(grads, square_avg, steps, alpha, gate, moment_clip, scale, shards, sizes)
+    fraction = _moment_clip_or_ema(grads, square_avg, steps, alpha, gate, moment_clip, scale, shards, sizes, segments)
     advance_(steps, gate)
     if grad_avg is not None:
         ema_(grad_avg, grads, alpha, gate, scale)
@@ -431,6 +439,7 @@ class ScaleByRms(_MomentClipped):
             scratch=ctx.scratch,
             shards=ctx.shards,
             sizes=ctx.sizes,
+            segments=ctx.segments,
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))
@@ -505,25 +514,32 @@ def _adam_quotient(
     eps: Scalar,
     eps_in_sqrt: bool,
     scratch: Scratch | list[Tensor] | None = None,
+    segments: Any = None,
 ) -> Quotient:
     """Adam's update ``m/(1−β1^t) / (sqrt(v/(1−β2^t)) + eps)`` as the quotient
     ``sqrt(1−β2^t)/(1−β1^t) · m / (sqrt(v) + eps·sqrt(1−β2^t))``: the second bias correction moves
     into the numerator's factor, which saves a pass over ``v`` (with ``eps_in_sqrt``:
-    ``1/(1−β1^t) · m / sqrt(v/(1−β2^t) + eps)``). The denominator goes into ``scratch`` if given."""
+    ``1/(1−β1^t) · m / sqrt(v/(1−β2^t) + eps)``). The denominator goes into ``scratch`` if given.
+    With ``segments`` the bias corrections are per-parameter tables, gathered per element once
+    combined."""
     if eps_in_sqrt:
         den = compute_into(
-            scratch if isinstance(scratch, Scratch) else None, torch.div, torch._foreach_div, second, bc2
+            scratch if isinstance(scratch, Scratch) else None,
+            torch.div,
+            torch._foreach_div,
+            second,
+            per_element(bc2, segments),
         )
         add_scalar_(den, eps)
         torch._foreach_sqrt_(den)
-        return Quotient(exp_avg, den, [1 / b1 for b1 in bc1])
+        return Quotient(exp_avg, den, per_element([1 / b1 for b1 in bc1], segments))
     if not bc1 or isinstance(bc1[0], float):
         roots = [math.sqrt(b2) for b2 in bc2]
     else:
         roots = [b2.sqrt() for b2 in bc2]
     den = _sqrt_of(second, scratch)
-    add_scalars_(den, [eps * r for r in roots])
-    return Quotient(exp_avg, den, [r / b1 for r, b1 in zip(roots, bc1)])
+    add_scalars_(den, per_element([eps * r for r in roots], segments))
+    return Quotient(exp_avg, den, per_element([r / b1 for r, b1 in zip(roots, bc1)], segments))
 
 
 def adam_update(
@@ -543,13 +559,14 @@ def adam_update(
     scale: float = 1.0,
     shards: Any = None,
     sizes: Any = None,
+    segments: Any = None,
 ) -> tuple[Quotient, Tensor | None]:
     """Adam's scaling: updates the state in place, returns the updates; amsgrad iff
     ``max_exp_avg_sq`` is given. ``scratch``: where the denominator goes, a workspace's
     :class:`~steadygrad.core.workspace.Scratch` or tensors the caller owns and no longer needs once
     the moments are updated (``grads`` themselves), else new tensors. ``scale``: the gradient is
     ``scale · grads`` (as for :func:`rss_update`; 1 with ``moment_clip``); ``shards`` as for
-    :func:`rms_update`, and ``sizes``.
+    :func:`rms_update`, and ``sizes`` and ``segments``.
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\quad
@@ -569,7 +586,7 @@ def adam_update(
     # (Under a closed commit gate the counters stay, and the discarded updates use t = count + 1.)
     bc1 = bias_correction(beta1, steps, offset=-1)
     bc2 = bias_correction(beta2, steps, offset=-1)
-    fraction = _moment_clip_or_ema(grads, exp_avg_sq, steps, beta2, gate, moment_clip, scale, shards, sizes)
+    fraction = _moment_clip_or_ema(grads, exp_avg_sq, steps, beta2, gate, moment_clip, scale, shards, sizes, segments)
     advance_(steps, gate)
     ema_(exp_avg, grads, beta1, gate, scale)
     if max_exp_avg_sq is not None:
@@ -577,7 +594,7 @@ def adam_update(
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
-    return _adam_quotient(exp_avg, second, bc1, bc2, eps, eps_in_sqrt, scratch), fraction
+    return _adam_quotient(exp_avg, second, bc1, bc2, eps, eps_in_sqrt, scratch, segments), fraction
 
 
 @dataclass(frozen=True)
@@ -629,6 +646,7 @@ class ScaleByAdam(_MomentClipped):
             scale=scale,
             shards=ctx.shards,
             sizes=ctx.sizes,
+            segments=ctx.segments,
         )
         if fraction is not None:
             state = state._replace(moment_clip_fraction=commit_select(gate, fraction, state.moment_clip_fraction))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...core.gate import advance_, commit_select, ema_square_
 from ...core.norms import wide_dtype
-from ...core.tensorlist import Scalar, bias_correction, host_steps, scalar_dtype
+from ...core.tensorlist import Scalar, bias_correction, host_steps, per_element, scalar_dtype
 from ...core.transform import PLAIN, Transform
 from ...core.validate import check_range
 from .common import element_fraction, new_fraction
@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def moment_threshold(nu: list[Tensor], count: list[Tensor], *, k: Scalar, beta: Scalar) -> list[Tensor]:
+def moment_threshold(
+    nu: list[Tensor], count: list[Tensor], *, k: Scalar, beta: Scalar, segments: Any = None
+) -> list[Tensor]:
     """The OpenAI Five limit per element, from the state *before* this step (a new list).
 
     .. math::
@@ -40,7 +42,8 @@ def moment_threshold(nu: list[Tensor], count: list[Tensor], *, k: Scalar, beta: 
 
     with ``c`` the steps counted so far (per tensor). Branch-free on the device: the first step's
     limit is ``sqrt(v + inf)``; with counters on the CPU (read as torch.optim reads its ``step``)
-    the per-tensor factors are Python numbers.
+    the per-tensor factors are Python numbers. With ``segments`` the counters are per-parameter
+    tables (:attr:`~steadygrad.core.transform.StepContext.segments`).
     """
     counts = host_steps(count) if not isinstance(beta, Tensor) and not isinstance(k, Tensor) else None
     if counts is not None:
@@ -51,6 +54,7 @@ def moment_threshold(nu: list[Tensor], count: list[Tensor], *, k: Scalar, beta: 
         corrections = bias_correction(beta, count)
         scales = [torch.where(f, 1.0, bc).rsqrt() * k for f, bc in zip(first, corrections)]
         floors = [torch.where(f, math.inf, 0.0) for f in first]
+        scales, floors = per_element(scales, segments), per_element(floors, segments)
     threshold = torch._foreach_add(nu, floors)
     torch._foreach_sqrt_(threshold)
     torch._foreach_mul_(threshold, scales)
@@ -81,6 +85,7 @@ def moment_clip_(
     gate: Tensor | None = None,
     shards: Any = None,
     sizes: Any = None,
+    segments: Any = None,
 ) -> Tensor:
     """OpenAI Five's clipping, in place on ``updates`` and ``nu``; ``count`` is read, not advanced.
 
@@ -102,7 +107,7 @@ def moment_clip_(
     """
     if not (len(updates) == len(nu) == len(count)):
         raise ValueError(f"moment_clip_: {len(updates)} updates, {len(nu)} nu and {len(count)} count tensors")
-    threshold = moment_threshold(nu, count, k=k, beta=beta)
+    threshold = moment_threshold(nu, count, k=k, beta=beta, segments=segments)
     ema_square_(nu, updates, beta, gate)
     return clamp_to_threshold_(updates, threshold, shards, sizes)
 
@@ -117,10 +122,13 @@ def moment_clip_update(
     gate: Tensor | None = None,
     shards: Any = None,
     sizes: Any = None,
+    segments: Any = None,
 ) -> tuple[list[Tensor], Tensor]:
     """:func:`clip_by_moment`'s step: :func:`moment_clip_` with its own counters, which advance
     (by the gate). Returns ``(updates, fraction)``."""
-    fraction = moment_clip_(updates, nu, count, k=k, beta=beta, gate=gate, shards=shards, sizes=sizes)
+    fraction = moment_clip_(
+        updates, nu, count, k=k, beta=beta, gate=gate, shards=shards, sizes=sizes, segments=segments
+    )
     advance_(count, gate)
     return updates, fraction
 
@@ -163,7 +171,15 @@ class ClipByMoment(Transform):
         gate = ctx.gate
         k, beta = ctx.value(self.k), ctx.value(self.beta)
         updates, fraction = moment_clip_update(
-            updates, state.nu, state.count, k=k, beta=beta, gate=gate, shards=ctx.shards, sizes=ctx.sizes
+            updates,
+            state.nu,
+            state.count,
+            k=k,
+            beta=beta,
+            gate=gate,
+            shards=ctx.shards,
+            sizes=ctx.sizes,
+            segments=ctx.segments,
         )
         return updates, state._replace(fraction_clipped=commit_select(gate, fraction, state.fraction_clipped))
 
