@@ -209,8 +209,11 @@ class FlatGroup:
         """Whether every state entry is still the view the buffers hold (a user who assigns
         ``opt.state[p][key] = ...``, ``opt.state[p] = {}`` or clears ``opt.state`` replaces it).
         C-level identity checks, one pass per key and one for the dicts."""
-        if not all(map(operator.is_, map(store.get, self.params), self.dicts)):
-            return False
+        return all(map(operator.is_, map(store.get, self.params), self.dicts)) and self.entries_intact()
+
+    def entries_intact(self) -> bool:
+        """:meth:`state_intact` once the per-parameter dicts are known to be those of the store:
+        whether every entry of them is still its view."""
         try:
             return all(
                 all(map(operator.is_, map(operator.getitem, self.dicts, repeat(key)), views))

@@ -11,7 +11,7 @@ update — with ``torch.compile(fullgraph=True)``: inductor turns it into one lo
 transforms are all element-wise runs on each buffer whole; one with a unit-wise transform (AGC)
 on the buffer's unit-class views.
 
-* Hyperparameters are 0-d float64 tensors, refreshed from ``param_groups`` before every step, so an
+* Hyperparameters are one-element float64 tensors, refreshed from ``param_groups`` before every step, so an
   LR scheduler (OneCycleLR also cycles betas and momentum) never recompiles. Structural options
   (amsgrad, centered, maximize, a hyperparameter switching between zero and non-zero) select a
   separately compiled step.
@@ -39,6 +39,7 @@ on the buffer's unit-class views.
 
 from __future__ import annotations
 
+import operator
 import os
 import types
 import warnings
@@ -138,6 +139,7 @@ class FusedExecutor:
         self._program_key: Any = None
         self._layout: Any = None
         self._uniform = True  # every parameter in the buffers has stepped as often (one counter)
+        self._store_values: list | None = None  # opt.state's values when last found intact
 
     def __deepcopy__(self, memo: dict) -> FusedExecutor:
         return FusedExecutor()
@@ -152,24 +154,27 @@ class FusedExecutor:
         rebuilds it from the current per-parameter tensors."""
         self.groups = None
         self.disabled = None
+        self._store_values = None
         self._plans.clear()
 
     @staticmethod
     def _hyper(group: dict[str, Any], tensors: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        """The group for the compiled step: its numbers as 0-d float64 tensors, taken from (or
-        added to) ``tensors``, which keeps one tensor per option for the executor's life (a plan
-        compiled earlier goes on reading the same tensors)."""
+        """The group for the compiled step: its numbers as one-element float64 tensors, taken from
+        (or added to) ``tensors``, which keeps one tensor per option for the executor's life (a
+        plan compiled earlier goes on reading the same tensors). One element, not 0-d: dynamo
+        guards the value of a 0-d float64 CPU input (``not isnan(x.item())``, a Python guard
+        function at every call); the transforms read them as 0-d (:meth:`StepContext.value`)."""
         hyper = {}
         for key, value in group.items():
             if key == "params":
                 continue
             if _is_scalar(value) and not isinstance(value, bool):
                 if not isinstance(tensors.get(key), Tensor):
-                    tensors[key] = torch.zeros((), dtype=torch.float64, device=device)
+                    tensors[key] = torch.zeros(1, dtype=torch.float64, device=device)
                 hyper[key] = tensors[key]
             elif isinstance(value, tuple) and value and all(_is_scalar(v) for v in value):
                 if not (isinstance(tensors.get(key), tuple) and len(tensors[key]) == len(value)):
-                    tensors[key] = tuple(torch.zeros((), dtype=torch.float64, device=device) for _ in value)
+                    tensors[key] = tuple(torch.zeros(1, dtype=torch.float64, device=device) for _ in value)
                 hyper[key] = tensors[key]
             else:
                 hyper[key] = value
@@ -289,7 +294,7 @@ class FusedExecutor:
             if reason:
                 return self._give_up(reason)
         assert self.groups is not None
-        if not all(f.holds_data() and f.state_intact(store) for g in self.groups for f in g.flats) or any(
+        if not (all(f.holds_data() for g in self.groups for f in g.flats) and self._state_intact(store)) or any(
             p.grad is not None for p in self._outside
         ):
             # A parameter's data or a state entry was replaced (``p.data = ...``,
@@ -347,6 +352,19 @@ class FusedExecutor:
         else:
             for flat in flats:
                 flat.publish_counters()
+        return True
+
+    def _state_intact(self, store: Any) -> bool:
+        """:meth:`FlatGroup.state_intact` of every buffer. While ``opt.state`` holds the very
+        dicts it held at the last check, in the same order (one C-level pass over its values,
+        no hashing of parameters), only the entries of the dicts are checked."""
+        flats = [f for g in self.groups for f in g.flats]
+        known = self._store_values
+        if known is not None and len(store) == len(known) and all(map(operator.is_, store.values(), known)):
+            return all(f.entries_intact() for f in flats)
+        if not all(f.state_intact(store) for f in flats):
+            return False
+        self._store_values = list(store.values())
         return True
 
     def _give_up(self, reason: str) -> bool:
