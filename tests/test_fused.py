@@ -119,19 +119,37 @@ def test_parameters_gradients_and_state_become_views_of_flat_buffers(eager_fused
     f64, f32 = sorted(group.flats, key=lambda f: f.param_buf.dtype == torch.float32)
     base = f64.param_buf.untyped_storage().data_ptr()
     assert all(p.untyped_storage().data_ptr() == base for p in params if p.dtype == torch.float64)
-    assert all(p.grad.untyped_storage().data_ptr() == f64.grad_buf.untyped_storage().data_ptr() for p in f64.params)
     exp_avg = opt.state[params[0]]["exp_avg"]
     assert exp_avg.untyped_storage().data_ptr() == f64.full["exp_avg"].untyped_storage().data_ptr()
     assert f32.param_buf.dtype == torch.float32 and len(f32.params) == 1
-    # zero_grad(set_to_none=False) keeps the views and zeroes them; a gradient that is None stays None
+    # few tensors: the gradients stay where autograd wrote them (the step reads them there), and
+    # zero_grad(set_to_none=False) zeroes them in place, as torch's
+    grads = [p.grad for p in params]
+    assert not any(g.untyped_storage().data_ptr() == f64.grad_buf.untyped_storage().data_ptr() for g in grads)
     params[1].grad = None
     opt.zero_grad(set_to_none=False)
     assert params[1].grad is None
-    assert all(p.grad is v for p, v in zip(f64.params, f64.grad_views) if p is not params[1])
-    assert not f64.grad_buf.any()
+    assert all(p.grad is g and not g.any() for p, g in zip(params, grads) if p is not params[1])
     # zero_grad() sets them to None, as torch's
     opt.zero_grad()
     assert all(p.grad is None for p in params)
+
+
+def test_many_gradients_are_copied_into_a_flat_buffer(eager_fused):
+    """More tensors than a step takes as inputs: their gradients become views of a flat buffer
+    (copied in when autograd made new ones); zero_grad(set_to_none=False) zeroes the buffer."""
+    params = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(20)]
+    opt = sg.optim.Adam(params, fused=True)
+    for p in params:
+        p.grad = torch.randn(3, dtype=torch.float64)
+    opt.step()
+    (group,) = opt._fused.groups
+    (flat,) = group.flats
+    assert all(p.grad is v for p, v in zip(flat.params, flat.grad_views))
+    params[1].grad = None
+    opt.zero_grad(set_to_none=False)
+    assert params[1].grad is None and not flat.grad_buf.any()
+    assert all(p.grad is v for p, v in zip(flat.params, flat.grad_views) if p is not params[1])
 
 
 def test_gradients_set_to_none_by_the_model_are_adopted(eager_fused):
@@ -372,7 +390,7 @@ def test_parameters_without_a_gradient_are_not_stepped(name, kwargs):
     for kind in kinds[:-1]:
         assert_same_run(runs["fused"][0], runs["fused"][1], runs[kind][0], runs[kind][1], rtol=rtol, rtol32=1e-6)
     fused = runs["fused"][1]._fused
-    assert fused.disabled is None and any(segmented for _, segmented in fused._plans)
+    assert fused.disabled is None and any(segmented for _, segmented, _ in fused._plans)
 
 
 def make_subset(name, kwargs, groups, fused):

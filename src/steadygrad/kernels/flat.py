@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..core.tensorlist import PLAIN_TYPES
 
-__all__ = ["FlatGroup", "ineligibility"]
+__all__ = ["FlatGroup", "at_least_1d", "ineligibility"]
 
 _GRAD = operator.attrgetter("grad")
 
@@ -49,6 +49,13 @@ def ineligibility(p: Tensor) -> str | None:
     if type(p) not in PLAIN_TYPES:
         return f"a tensor subclass ({type(p).__name__})"
     return None
+
+
+def at_least_1d(t: Tensor) -> Tensor:
+    """``t``, or a one-element view of a 0-d ``t``. A compiled step takes no 0-d tensor it
+    writes: torch.compile (2.13, CPU) loses in-place writes to 0-d float64 inputs, whose values
+    dynamo traces as numbers."""
+    return t if t.dim() else t.view(1)
 
 
 def _row_length(p: Tensor) -> int:
@@ -83,6 +90,7 @@ class FlatGroup:
     dicts: list[dict] = field(default_factory=list)  # store[p] per parameter
     versions: dict[str, int] = field(default_factory=dict)  # key -> scalar buffer's version
     uniform: bool = True  # the counters in ``scalar`` are known to be equal (``counters`` holds them)
+    adopts: bool = True  # gradients are copied into ``grad_buf`` (else read where autograd writes them)
     _segments: tuple[Tensor, Tensor] | None = None  # (segment index, elements per parameter)
 
     # ---- building ------------------------------------------------------------------------------
@@ -94,11 +102,13 @@ class FlatGroup:
         store: MutableMapping,
         keys: Sequence[str],
         counters: frozenset[str] = frozenset(),
+        adopt: bool = True,
     ) -> FlatGroup | str:
         """Moves ``params`` (one device and dtype, each eligible) and their state entries
         ``store[p][key]`` for ``keys`` into flat buffers; the keys in ``counters`` hold one number
-        per parameter (also for a 0-d parameter, whose per-element state is 0-d too). Returns the
-        group, or the reason why it cannot be built (then nothing has been changed)."""
+        per parameter (also for a 0-d parameter, whose per-element state is 0-d too). With
+        ``adopt``, the gradients too (else they stay where they are, the gradient buffer zero).
+        Returns the group, or the reason why it cannot be built (then nothing has been changed)."""
         params = sorted(params, key=_row_length)  # stable: equal row lengths keep their order
         device, dtype = params[0].device, params[0].dtype
         offsets, classes, total = [], [], 0
@@ -131,6 +141,7 @@ class FlatGroup:
             param_buf=torch.empty(total, device=device, dtype=dtype),
             grad_buf=torch.zeros(total, device=device, dtype=dtype),
             grad_views=[],
+            adopts=adopt,
         )
         with torch.no_grad():
             for p, view in zip(params, group.views(group.param_buf)):
@@ -138,7 +149,7 @@ class FlatGroup:
                 p.data = view
             group.data_ptrs = list(map(Tensor.data_ptr, params))
             for p, view in zip(params, group.views(group.grad_buf)):
-                if p.grad is not None:  # one without a gradient keeps None (and a zero view)
+                if adopt and p.grad is not None:  # one without a gradient keeps None (and a zero view)
                     view.copy_(p.grad)
                     p.grad = view
                 group.grad_views.append(view)
@@ -172,10 +183,13 @@ class FlatGroup:
 
     def class_views(self, buf: Tensor, structure: str) -> list[Tensor]:
         """The tensors a step of ``structure`` runs on, of a buffer laid out like ``param_buf``:
-        one ``(rows, row_length)`` view per unit class, or for ``"elements"`` the whole buffer
-        (one tensor: one loop, one counter, fewer guards)."""
+        one ``(rows, row_length)`` view per unit class, for ``"elements"`` the whole buffer
+        (one tensor: one loop, one counter, fewer guards), for ``"tensors"`` one view per
+        parameter, a 0-d one as one element (see :func:`at_least_1d`)."""
         if structure == "elements":
             return [buf]
+        if structure == "tensors":
+            return [at_least_1d(v) for v in self.views(buf)]
         out = []
         for c in self.classes:
             rows = c.size // c.row_length if c.row_length else 0
@@ -185,7 +199,11 @@ class FlatGroup:
     def counter_views(self, key: str, structure: str) -> list[Tensor]:
         """The 0-d counters of the 0-d state ``key`` that go with :meth:`class_views`: one per
         class (distinct tensors, so that a transform advancing each element of its list advances
-        each once), or the first one for ``"elements"``."""
+        each once), the first one for ``"elements"``, each parameter's entry of the table for
+        ``"tensors"`` (see :meth:`counters_from_table`)."""
+        if structure == "tensors":
+            table = self.scalar[key]
+            return [table[i] for i in range(len(self.params))]
         counters = self.counters[key]
         return [counters[i] for i in range(1 if structure == "elements" else len(self.classes))]
 
@@ -276,6 +294,13 @@ class FlatGroup:
             for p, view in moved:
                 if p.grad is not None:
                     p.grad = view
+
+    def counters_from_table(self) -> None:
+        """After a uniform step over the per-parameter views, which advanced the table: the class
+        counters from it."""
+        for key, buf in self.scalar.items():
+            self.counters[key].copy_(buf[:1].expand_as(self.counters[key]))
+        self.record_versions()
 
     def publish_counters(self) -> None:
         """After a uniform step: copies the first class counter (advanced by the kernel; the others advance with it,

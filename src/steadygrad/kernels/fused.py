@@ -54,7 +54,7 @@ from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates
 from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
 from ..core.transform import StepContext, state_leaves
-from .flat import FlatGroup, ineligibility
+from .flat import FlatGroup, at_least_1d, ineligibility
 
 __all__ = ["FusedExecutor", "compile_enabled"]
 
@@ -182,9 +182,13 @@ class FusedExecutor:
 
     def _build(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> str | None:
         groups = []
-        for index, group in enumerate(param_groups):
-            # those with a gradient now, and those stepped before (they may have none this step)
-            params = [p for p in group["params"] if p.grad is not None or store.get(p)]
+        # those with a gradient now, and those stepped before (they may have none this step)
+        members = [[p for p in group["params"] if p.grad is not None or store.get(p)] for group in param_groups]
+        # gradients the steps will read where autograd writes them are not copied in (see step)
+        adopt = sum(map(len, members)) > _GIVEN_TENSORS or not all(
+            _readable_gradient(p) for ps in members for p in ps if p.grad is not None
+        )
+        for index, (group, params) in enumerate(zip(param_groups, members)):
             if not params:
                 continue
             if len({id(p) for p in params}) != len(params):
@@ -212,7 +216,7 @@ class FusedExecutor:
             for p in params:
                 by_dtype.setdefault(p.dtype, []).append(p)
             for dtype_params in by_dtype.values():
-                flat = FlatGroup.build(dtype_params, store, keys, counters)
+                flat = FlatGroup.build(dtype_params, store, keys, counters, adopt)
                 if isinstance(flat, str):
                     return flat
                 flats.append(flat)
@@ -257,12 +261,20 @@ class FusedExecutor:
                         ti.fill_(vi)
 
     def zero_grad(self) -> None:
-        """``zero_grad(set_to_none=False)``: zeroes the flat gradient buffers in place and points
-        each ``.grad`` that is not ``None`` back at its view (one that is ``None`` stays so, as
-        torch leaves it)."""
+        """``zero_grad(set_to_none=False)``: zeroes every gradient in place, as torch does. In the
+        buffers' copy mode (many tensors) the gradient buffer is zeroed and each ``.grad`` that is
+        not ``None`` points at its view again; otherwise (gradients read where autograd writes
+        them) each gradient tensor is zeroed where it is. One that is ``None`` stays so."""
         for g in self.groups or ():
             for flat in g.flats:
                 flat.grad_buf.zero_()
+                if not flat.adopts:
+                    others = [
+                        p.grad for p, v in zip(flat.params, flat.grad_views) if p.grad is not None and p.grad is not v
+                    ]
+                    if others:
+                        torch._foreach_zero_(others)
+                    continue
                 for p, view in zip(flat.params, flat.grad_views):
                     if p.grad is not None and p.grad is not view:
                         p.grad = view
@@ -326,18 +338,23 @@ class FusedExecutor:
             self._uniform = False  # the reference path steps those with a gradient only
             return False
         segmented = missing or not self._uniform
-        plan = self._plan(program, param_groups, segmented)
+        # New gradients of a few tensors are read where autograd put them (no copy into the
+        # buffer: 8 bytes per parameter); many small ones are copied (one input per buffer).
+        given = bool(replaced) and not segmented and _givable(flats)
+        plan = self._plan(program, param_groups, segmented, given)
 
         for g in self.groups:
             self._refresh(param_groups[g.index], g.tensors)
-        for flat in replaced:
-            flat.adopt_gradients()
+        if not given:
+            for flat in replaced:
+                flat.adopt_gradients()
         if program.nonfinite == "raise" and not amp_skips(amp):
             # (GradScaler's inf step is skipped inside the kernel, not raised)
             flat_params = [p for f in flats for p in f.params if p.grad is not None]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
         segments = [[(*f.segments(), f.present()) for f in g.flats] for g in self.groups] if segmented else None
-        new_states, clip_state = plan.kernel(*self._arguments(program, param_groups, store, segmented), amp, segments)
+        arguments = self._arguments(program, param_groups, store, segmented, given)
+        new_states, clip_state = plan.kernel(*arguments, amp, segments)
         for g, state in zip(self.groups, new_states):
             layout = program.groups[g.index].layout
             shared = Replicated(store, param_groups[g.index]["params"])
@@ -349,6 +366,9 @@ class FusedExecutor:
             self._uniform = False
             for flat in flats:
                 flat.record_versions()
+        elif given:  # the kernel advanced the per-parameter counters (equal: a uniform step)
+            for flat in flats:
+                flat.counters_from_table()
         else:
             for flat in flats:
                 flat.publish_counters()
@@ -379,8 +399,8 @@ class FusedExecutor:
             self._warned.add(message)
             warnings.warn(message, stacklevel=5)
 
-    def _plan(self, program: Any, param_groups: list[dict[str, Any]], segmented: bool) -> _Plan:
-        key = (program.key, segmented)
+    def _plan(self, program: Any, param_groups: list[dict[str, Any]], segmented: bool, given: bool) -> _Plan:
+        key = (program.key, segmented, given)
         plan = self._plans.get(key)
         if plan is None:
             hypers = []
@@ -396,13 +416,21 @@ class FusedExecutor:
             self._plans[key] = plan
         return plan
 
-    def _arguments(self, program: Any, param_groups: list[dict[str, Any]], store: Any, segmented: bool) -> tuple:
-        structure = program.structure
+    def _arguments(
+        self, program: Any, param_groups: list[dict[str, Any]], store: Any, segmented: bool, given: bool
+    ) -> tuple:
+        """The kernel's inputs: per group the parameters, gradients and state as views of the
+        flat buffers (whole buffers, unit classes, or with ``given`` one per parameter next to the
+        gradients autograd wrote, each with its own counter), and ``clip``'s state."""
+        structure = "tensors" if given else program.structure
         params, grads, states = [], [], []
         for g in self.groups:
             layout = program.groups[g.index].layout
             params.append([v for f in g.flats for v in f.class_views(f.param_buf, structure)])
-            grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, structure)])
+            if given:
+                grads.append([at_least_1d(p.grad) for f in g.flats for p in f.params])
+            else:
+                grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, structure)])
             shared = Replicated(store, param_groups[g.index]["params"])
             state = _gather_flat(layout, g.flats, shared, structure, segmented)
             states.append(layout.transform.reserve(state))  # room for this step, outside compiled code
@@ -413,6 +441,28 @@ class FusedExecutor:
             clip_state = _gather_flat(program.clip_layout, flats, Replicated(store, members), structure, segmented)
             clip_state = program.clip.reserve(clip_state)
         return params, grads, states, clip_state
+
+
+#: The most tensors whose gradients a fused step reads where autograd wrote them: each is an input
+#: of the compiled step (a guard and a loop of its own); more are copied into the buffers.
+_GIVEN_TENSORS = 16
+
+
+def _givable(flats: list[FlatGroup]) -> bool:
+    """Whether a step can read the parameters' gradients as they are: few tensors, each a dense
+    contiguous tensor of its parameter's shape, dtype and device."""
+    params = [p for f in flats for p in f.params]
+    return len(params) <= _GIVEN_TENSORS and all(map(_readable_gradient, params))
+
+
+def _readable_gradient(p: Tensor) -> bool:
+    g = p.grad
+    return (
+        g is not None
+        and g.layout == torch.strided
+        and g.is_contiguous()
+        and (g.shape, g.dtype, g.device) == (p.shape, p.dtype, p.device)
+    )
 
 
 def _describe(param_groups: list[dict[str, Any]], p: Tensor) -> str:
