@@ -83,6 +83,32 @@ def test_layouts_hit_their_sizes(layout, n):
     assert all(all(d > 0 for d in s) for s in shapes)
 
 
+def test_tiny_layout_counts_tensors_of_eight():
+    assert bench.layout_shapes("tiny", 32) == [(8,)] * 4
+    assert len(bench.layout_shapes("tiny", 4000)) == 500
+    assert bench.layout_shapes("tiny", 20) == [(8,), (8,), (4,)]
+    assert bench.MODES["host"]["layouts"] == ("tiny",)
+
+
+def test_new_gradients_are_new_tensors_every_step():
+    """--new-grads: every step gets new .grad tensors (torch's default zero_grad() then backward);
+    without it the old ones are written in place."""
+    import torch
+
+    grads = [torch.randn(8), torch.randn(3)]
+    params = bench._make_params([torch.zeros(8), torch.zeros(3)], grads)
+    c = bench._Contender("sg_ref", lambda: None, 28, params)
+    before = [p.grad for p in params]
+    c.write_grads(grads)
+    assert all(p.grad is b for p, b in zip(params, before))
+    c.write_grads([g * 2 for g in grads], new=True)
+    assert all(p.grad is not b for p, b in zip(params, before))
+    assert all(torch.equal(p.grad, g * 2) for p, g in zip(params, grads))
+    report = bench.run_benchmark(**{**TINY, "layouts": ["tiny"], "cases": ["adam"], "new_grads": True})
+    assert report["settings"]["new_grads"] is True
+    assert report["results"][0]["n_tensors"] == 2500
+
+
 def test_tiny_transformer_layout_still_exact():
     shapes = bench.layout_shapes("transformer", 20_000)
     assert abs(sum(math.prod(s) for s in shapes) - 20_000) <= 200

@@ -24,6 +24,8 @@ OneCycleLR steps and page faults per step. See docs/benchmarks.md.
 modes (times on 2 cores of an AMD EPYC):
        --quick  1M transformer, 2 cases, 7 repeats (about 20 s)
        default  1M,10M x big,transformer, 8 cases, 15 repeats (about 3 min)
+       --host   Adam on 4 and 500 tensors of 8 elements (tiny layout): the host
+                cost of a step, 101 repeats (about 30 s)
        --full   1M,10M,100M x big,transformer, all 15 cases, 15 repeats
                 (about 30 min, 11 GB of memory)"""
 
@@ -36,9 +38,10 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the options of ``bench`` to ``parser`` (shared with benchmarks/run.py)."""
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the quick suite (1M, 2 cases, few repeats)")
+    mode.add_argument("--host", action="store_true", help="the host-cost suite (Adam on 4 and 500 tiny tensors)")
     mode.add_argument("--full", action="store_true", help="the full suite (up to 100M, all cases)")
     parser.add_argument("--sizes", metavar="LIST", help="parameter counts, e.g. 1M,10M,100M (default: the mode's)")
-    parser.add_argument("--layouts", metavar="LIST", help="big,transformer (default: the mode's)")
+    parser.add_argument("--layouts", metavar="LIST", help="big,transformer,tiny (default: the mode's)")
     parser.add_argument("--cases", metavar="LIST", help="cases, or 'all'; see --list-cases (default: the mode's)")
     parser.add_argument("--repeats", type=int, metavar="N", help="timed repetitions per contender (default: 15)")
     parser.add_argument("--warmup", type=int, metavar="N", help="untimed steps after the first (default: 3)")
@@ -50,6 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=100,
         metavar="N",
         help="OneCycleLR steps of the recompile check of the fused path (0: skip; default: 100)",
+    )
+    parser.add_argument(
+        "--new-grads",
+        action="store_true",
+        help="new gradient tensors at every step (as after torch's default zero_grad()) instead of "
+        "writing into the previous ones",
     )
     parser.add_argument("--copy-mib", type=float, default=256, metavar="MIB", help="copy buffer size (default: 256)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads (default: torch's)")
@@ -117,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         print(text)
         _write_markdown(args.markdown, report)
         return 0
-    mode = "quick" if args.quick else "full" if args.full else "default"
+    mode = "quick" if args.quick else "full" if args.full else "host" if args.host else "default"
     try:
         sizes = [bench.parse_size(s) for s in _csv(args.sizes)] if args.sizes else None
     except ValueError as exc:
@@ -170,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         compile_cache=args.compile_cache,
         compile_timeout=args.compile_timeout or None,
+        new_grads=args.new_grads,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(bench.format_report(report))

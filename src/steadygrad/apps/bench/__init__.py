@@ -160,11 +160,26 @@ def transformer_layout(n: int, blocks: int = 31) -> list[tuple[int, ...]]:
     return shapes
 
 
-LAYOUTS: dict[str, Callable[[int], list[tuple[int, ...]]]] = {"big": big_layout, "transformer": transformer_layout}
+def tiny_layout(n: int) -> list[tuple[int, ...]]:
+    """Tensors of 8 elements (the last one holds the remainder): a step's host cost, which
+    grows with the number of tensors, with next to no memory traffic. ``32``: 4 tensors,
+    ``4000``: 500."""
+    shapes: list[tuple[int, ...]] = [(8,)] * (n // 8)
+    if n % 8:
+        shapes.append((n % 8,))
+    return shapes
+
+
+LAYOUTS: dict[str, Callable[[int], list[tuple[int, ...]]]] = {
+    "big": big_layout,
+    "transformer": transformer_layout,
+    "tiny": tiny_layout,
+}
 
 
 def layout_shapes(layout: str, n: int) -> list[tuple[int, ...]]:
-    """The tensor shapes of ``layout`` (``"big"`` or ``"transformer"``) for about ``n`` parameters."""
+    """The tensor shapes of ``layout`` (``"big"``, ``"transformer"`` or ``"tiny"``) for about ``n``
+    parameters."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return LAYOUTS[layout](n)
@@ -304,6 +319,7 @@ DEFAULT_CASES = (
 MODES: dict[str, dict[str, Any]] = {
     "quick": dict(sizes=(10**6,), layouts=("transformer",), cases=QUICK_CASES, repeats=7, warmup=2),
     "default": dict(sizes=(10**6, 10**7), layouts=("big", "transformer"), cases=DEFAULT_CASES, repeats=15, warmup=3),
+    "host": dict(sizes=(32, 4000), layouts=("tiny",), cases=("adam",), repeats=101, warmup=10),
     "full": dict(
         sizes=(10**6, 10**7, 10**8),
         layouts=("big", "transformer"),
@@ -575,8 +591,16 @@ class _Contender:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
 
-    def write_grads(self, grads: list[Tensor]) -> None:
-        if self.params is not None:
+    def write_grads(self, grads: list[Tensor], new: bool = False) -> None:
+        """The gradients of the next step: written into the ``.grad`` tensors in place (a
+        backward pass accumulating into zeroed gradients), or with ``new`` as new tensors (a
+        backward pass after torch's default ``zero_grad()``, which sets them to ``None``)."""
+        if self.params is None:
+            return
+        if new:
+            for p, g in zip(self.params, grads):
+                p.grad = g.clone()
+        else:
             # p.grad is read every time: a fused optimizer may have turned it into a view.
             torch._foreach_copy_([p.grad for p in self.params], grads)
 
@@ -765,9 +789,11 @@ def bench_case(
     warmup: int = 3,
     recompile_steps: int = 100,
     compile_timeout: float | None = 300,
+    new_grads: bool = False,
 ) -> dict[str, Any]:
     """Builds the contenders of ``case`` on copies of ``base`` (parameters) and ``grads``, times
-    them alternating, frees them and returns the case's JSON record.
+    them alternating, frees them and returns the case's JSON record. ``new_grads``: see
+    :meth:`_Contender.write_grads`.
 
     ``compile_timeout``: seconds after which the first ``sg_fused`` step (the compile) is
     interrupted and the contender reported as failed (``None``: no limit; needs the main thread).
@@ -790,7 +816,7 @@ def bench_case(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                c.write_grads(grads)
+                c.write_grads(grads, new_grads)
                 before = _dynamo_counts()
                 t0 = time.perf_counter()
                 with _time_limit(compile_timeout if c.name == "sg_fused" else None):
@@ -798,7 +824,7 @@ def bench_case(
                 c.first_step_s = time.perf_counter() - t0
                 c.first_step_compiles = _delta(_dynamo_counts(), before)
                 for _ in range(warmup):
-                    c.write_grads(grads)
+                    c.write_grads(grads, new_grads)
                     c.step()
             except (Exception, _TimeLimit) as exc:  # a contender that breaks is reported, the others go on
                 _fail(c, exc)
@@ -813,7 +839,7 @@ def bench_case(
             for c in live[k:] + live[:k]:
                 if c.error is not None:
                     continue
-                c.write_grads(grads)
+                c.write_grads(grads, new_grads)
                 f0 = _minflt()
                 t0 = time.perf_counter()
                 try:
@@ -916,6 +942,7 @@ def run_benchmark(
     threads: int | None = None,
     compile_cache: str = "cold",
     compile_timeout: float | None = 300,
+    new_grads: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -923,7 +950,7 @@ def run_benchmark(
 
     Args:
         sizes, layouts, cases, repeats, warmup: ``None`` takes the value of ``mode``
-            (``"quick"``, ``"default"`` or ``"full"``, see :data:`MODES`).
+            (``"quick"``, ``"default"``, ``"host"`` or ``"full"``, see :data:`MODES`).
         contenders: a subset of :data:`CONTENDERS` (``"copy"`` is always added: the fractions of
             bandwidth need it).
         recompile_steps: steps of the OneCycleLR check of ``sg_fused`` (0: skip it).
@@ -935,6 +962,8 @@ def run_benchmark(
             inductor's default), where a repeated run mostly loads compiled kernels.
         compile_timeout: seconds after which a first fused step (the compile) is interrupted and
             ``sg_fused`` reported as failed for that case (``None``: no limit).
+        new_grads: the gradients of every step are new tensors (as after torch's default
+            ``zero_grad()``), not written into the previous ones.
         progress: called with one line per case (e.g. ``print`` to stderr).
     """
     if mode not in MODES:
@@ -978,6 +1007,7 @@ def run_benchmark(
             "copy_MiB": copy_mib,
             "compile_cache": compile_cache,
             "compile_timeout_s": compile_timeout,
+            "new_grads": new_grads,
             "seed": seed,
             "dtype": "float32",
             "clip": {"max_norm": MAX_NORM, "clip_value": CLIP_VALUE, "moment_k": MOMENT_K, "unit_ratio": UNIT_RATIO},
@@ -1002,7 +1032,7 @@ def run_benchmark(
             report["vec_isa_probe_s"] = vec_isa_probe()
             report["compiler_startup_s"] = compiler_startup()
         for size, layout, name, record in _run_cases(
-            sizes, layouts, cases, copy, contenders, repeats, warmup, recompile_steps, seed, compile_timeout
+            sizes, layouts, cases, copy, contenders, repeats, warmup, recompile_steps, seed, compile_timeout, new_grads
         ):
             report["results"].append(record)
             done += 1
@@ -1043,6 +1073,7 @@ def _run_cases(
     recompile_steps: int,
     seed: int,
     compile_timeout: float | None,
+    new_grads: bool = False,
 ) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
     """Yields ``(size, layout, case, record)``; one size x layout's tensors live at a time."""
     for size in sizes:
@@ -1064,6 +1095,7 @@ def _run_cases(
                     warmup=warmup,
                     recompile_steps=recompile_steps,
                     compile_timeout=compile_timeout,
+                    new_grads=new_grads,
                 )
                 record.update(size=size, size_label=format_size(size), layout=layout, seconds=time.perf_counter() - t0)
                 yield size, layout, name, record
