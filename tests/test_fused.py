@@ -73,6 +73,14 @@ def eager_fused(monkeypatch):
     monkeypatch.setenv("STEADYGRAD_COMPILE", "0")
 
 
+@pytest.fixture
+def read_in_place(monkeypatch):
+    """Gradients of small models read where autograd wrote them (as those of few big tensors are)."""
+    from steadygrad.kernels import fused
+
+    monkeypatch.setattr(fused, "_GIVEN_FROM", 0)
+
+
 @pytest.mark.parametrize(("name", "kwargs"), CONFIGS, ids=ids(CONFIGS))
 def test_fused_equals_the_reference(eager_fused, name, kwargs):
     ref_params = real_params()
@@ -111,7 +119,7 @@ def test_a_hyperparameter_leaving_zero_selects_another_step(eager_fused):
     assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14, rtol32=1e-6)
 
 
-def test_parameters_gradients_and_state_become_views_of_flat_buffers(eager_fused):
+def test_parameters_gradients_and_state_become_views_of_flat_buffers(eager_fused, read_in_place):
     params = real_params()
     opt = sg.optim.Adam(params, fused=True)
     step_all(params, opt, 0)
@@ -122,7 +130,7 @@ def test_parameters_gradients_and_state_become_views_of_flat_buffers(eager_fused
     exp_avg = opt.state[params[0]]["exp_avg"]
     assert exp_avg.untyped_storage().data_ptr() == f64.full["exp_avg"].untyped_storage().data_ptr()
     assert f32.param_buf.dtype == torch.float32 and len(f32.params) == 1
-    # few tensors: the gradients stay where autograd wrote them (the step reads them there), and
+    # few (big) tensors: the gradients stay where autograd wrote them (the step reads them there), and
     # zero_grad(set_to_none=False) zeroes them in place, as torch's
     grads = [p.grad for p in params]
     assert not any(g.untyped_storage().data_ptr() == f64.grad_buf.untyped_storage().data_ptr() for g in grads)
@@ -278,9 +286,14 @@ COMPILED = [
 ]
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["copied", "read_in_place"])
 @pytest.mark.parametrize(("name", "kwargs", "dtypes"), COMPILED, ids=ids([(n, k) for n, k, _ in COMPILED]))
-def test_compiled_step_equals_the_reference(name, kwargs, dtypes):
-    """The real inductor path (C++ on this machine): float64 to 1e-12, float32 to 1e-6."""
+def test_compiled_step_equals_the_reference(name, kwargs, dtypes, in_place, monkeypatch):
+    """The real inductor path (C++ on this machine): float64 to 1e-12, float32 to 1e-6; with the
+    new gradients of every step (zero_grad()) copied into the buffer, or read where they are."""
+    from steadygrad.kernels import fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_GIVEN_FROM", 0 if in_place else 1 << 62)
     for dtype in dtypes:
         tol = 1e-12 if dtype == torch.float64 else 1e-6
         ref_params = make_params(dtype=dtype)[:5]
@@ -298,6 +311,7 @@ def test_compiled_step_equals_the_reference(name, kwargs, dtypes):
                     warnings.filterwarnings("error", message="torch.compile failed")
                     opt.step()
         assert fused._fused.disabled is None
+        assert all(given == in_place for _, _, given in fused._fused._plans)
         assert_same_run(fused_params, fused, ref_params, ref, rtol=tol)
 
 
@@ -350,7 +364,7 @@ SUBSET_CONFIGS = [
 
 
 @pytest.mark.parametrize(("name", "kwargs"), SUBSET_CONFIGS, ids=ids(SUBSET_CONFIGS))
-def test_parameters_without_a_gradient_are_not_stepped(name, kwargs):
+def test_parameters_without_a_gradient_are_not_stepped(name, kwargs, read_in_place):
     """torch's semantics on the inductor path: random per-step subsets of parameters without a
     gradient are not stepped (value, state, step count, clip statistics), as by the reference path
     and torch, in two groups and two dtypes, and the fused path stays on (a segmented step)."""

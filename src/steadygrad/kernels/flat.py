@@ -27,6 +27,7 @@ import operator
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,6 +93,7 @@ class FlatGroup:
     uniform: bool = True  # the counters in ``scalar`` are known to be equal (``counters`` holds them)
     adopts: bool = True  # gradients are copied into ``grad_buf`` (else read where autograd writes them)
     _segments: tuple[Tensor, Tensor] | None = None  # (segment index, elements per parameter)
+    _per_param: dict[Any, list[Tensor]] = field(default_factory=dict)  # kept per-parameter views
 
     # ---- building ------------------------------------------------------------------------------
 
@@ -188,8 +190,11 @@ class FlatGroup:
         parameter, a 0-d one as one element (see :func:`at_least_1d`)."""
         if structure == "elements":
             return [buf]
-        if structure == "tensors":
-            return [at_least_1d(v) for v in self.views(buf)]
+        if structure == "tensors":  # made once: the buffers live as long as the group
+            views = self._per_param.get(id(buf))
+            if views is None:
+                views = self._per_param[id(buf)] = [at_least_1d(v) for v in self.views(buf)]
+            return views
         out = []
         for c in self.classes:
             rows = c.size // c.row_length if c.row_length else 0
@@ -202,8 +207,11 @@ class FlatGroup:
         each once), the first one for ``"elements"``, each parameter's entry of the table for
         ``"tensors"`` (see :meth:`counters_from_table`)."""
         if structure == "tensors":
-            table = self.scalar[key]
-            return [table[i] for i in range(len(self.params))]
+            views = self._per_param.get(key)
+            if views is None:
+                table = self.scalar[key]
+                views = self._per_param[key] = [table[i] for i in range(len(self.params))]
+            return views
         counters = self.counters[key]
         return [counters[i] for i in range(1 if structure == "elements" else len(self.classes))]
 
