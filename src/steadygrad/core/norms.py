@@ -519,7 +519,9 @@ def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None, *, wide:
         if not full:
             continue
         group = [tensors[i] for i in full]
-        if use_foreach(group, device, foreach):
+        # (compiled, one norm per tensor: inductor fuses the cast into the reduction, but runs
+        # _foreach_norm with a dtype as torch's kernel, which first copies every tensor to float64)
+        if use_foreach(group, device, foreach) and not (cast is not None and torch.compiler.is_compiling()):
             norms = torch._foreach_norm(group, p, dtype=cast)
         else:
             norms = [torch.linalg.vector_norm(t, p, dtype=cast) for t in group]
