@@ -281,12 +281,12 @@ def bias_correction(beta: Scalar, steps: Sequence[Tensor], offset: int = 0) -> l
     one count per parameter (:attr:`~steadygrad.core.transform.StepContext.segments`): one value
     per entry then, to be gathered per element with :func:`per_element`.
 
-    Under ``torch.compile`` each value is computed once, before the loop over the parameters
-    that reads it: left to itself, inductor would inline a scalar ``pow`` read once into that
-    vectorised loop and evaluate it once per vector of 16 elements (measured: 32 ms instead of
-    5 ms for an Adam step on 10M parameters on 2 CPU cores). A 0-d value goes through a
-    two-element reduction (:func:`_computed_once`), a table through one opaque op
-    (``steadygrad::bias_correction``).
+    Under ``torch.compile`` a table goes through one opaque op (``steadygrad::bias_correction``):
+    gathered per element, its ``pow`` would otherwise be inlined and computed for every element.
+    (A 0-d value is computed once before the loops by the fused step's graph pass,
+    :class:`steadygrad.kernels.fused._ScalarsFirst`; left to itself, inductor would evaluate the
+    scalar ``pow`` once per vector of 16 elements: 32 ms instead of 5 ms for an Adam step on 10M
+    parameters on 2 CPU cores.)
     """
     if not isinstance(beta, Tensor):
         values = host_steps(steps)
@@ -298,18 +298,8 @@ def bias_correction(beta: Scalar, steps: Sequence[Tensor], offset: int = 0) -> l
     exponents = [s.to(torch.float64) - offset if offset else s.to(torch.float64) for s in steps]
     if isinstance(beta, Tensor):
         beta = beta.to(torch.float64)
-        out = [1 - beta**e for e in exponents]
-    else:
-        out = [1 - torch.pow(beta, e) for e in exponents]
-    return [_computed_once(v) for v in out] if torch.compiler.is_compiling() else out
-
-
-def _computed_once(value: Tensor) -> Tensor:
-    """``value`` (0-d), under ``torch.compile`` as a buffer of its own: a reduction (the maximum
-    of two copies: exact) is never inlined into the loops that read it, unlike a pointwise
-    scalar. Measured (Adam, 4 tiny tensors, 2 threads): the compiled call 130 -> 50 µs against
-    an opaque op, with the same 10M-parameter step time."""
-    return torch.stack([value, value]).amax(0)
+        return [1 - beta**e for e in exponents]
+    return [1 - torch.pow(beta, e) for e in exponents]
 
 
 def per_element(values: Sequence[Any], segments: Sequence[Tensor] | None) -> list[Any]:

@@ -92,11 +92,65 @@ def _inductor_options() -> dict[str, Any]:
     threshold as a buffer, the whole step is one loop; the buffer is never written to memory.
     Measured (10M float32, 2 threads): Adam with ``moment_clip`` 12.5 → 9.7 ms, RMSprop 10.2 →
     6.9 ms; the other cases unchanged.
+
+    ``post_grad_custom_post_pass``: :class:`_ScalarsFirst`.
     """
     from torch._inductor import config
 
-    wanted = {"realize_reads_threshold": 1}
+    wanted: dict[str, Any] = {"realize_reads_threshold": 1, "post_grad_custom_post_pass": _ScalarsFirst()}
     return {key: value for key, value in wanted.items() if hasattr(config, key)}
+
+
+def _scalar_pass_base() -> type:
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:  # pragma: no cover - older torch
+        return object
+    return CustomGraphPass
+
+
+class _ScalarsFirst(_scalar_pass_base()):  # type: ignore[misc]
+    """An inductor graph pass: every floating-point scalar the step computes (a bias correction,
+    ``1 − β``, ``lr·√(1−β2^t)/(1−β1^t)``) and hands to an operation on whole buffers becomes a
+    buffer of its own, computed once before the loops. Left to itself, inductor inlines such a
+    scalar into the vectorised loop that reads it, where it is computed again for every vector of
+    16 elements (the C++ compiler cannot hoist loads that may alias the loop's stores); torch's
+    fused kernels compute them once per tensor. The realization is a two-element maximum of the
+    value with itself (exact), which inductor never inlines."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is aten.amax.default:
+                continue
+            val = node.meta.get("val")
+            if not (isinstance(val, Tensor) and val.dim() == 0 and val.dtype.is_floating_point):
+                continue
+            big = [u for u in node.users if _numel(u) > 1]
+            if not big:
+                continue
+            with graph.inserting_after(node):
+                row = graph.call_function(aten.unsqueeze.default, (node, 0))
+            with graph.inserting_after(row):
+                pair = graph.call_function(aten.cat.default, ([row, row],))
+            with graph.inserting_after(pair):
+                once = graph.call_function(aten.amax.default, (pair, [0]))
+            with val.fake_mode:
+                row.meta["val"] = val.unsqueeze(0)
+                pair.meta["val"] = torch.cat([row.meta["val"], row.meta["val"]])
+                once.meta["val"] = pair.meta["val"].amax(0)
+            for user in big:
+                user.replace_input_with(node, once)
+
+    def uuid(self) -> str:
+        return "steadygrad.scalars-first.1"
+
+
+def _numel(node: Any) -> int:
+    """The most elements of a tensor a graph node produces (a foreach node: a list of them)."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    return max((v.numel() for v in vals if isinstance(v, Tensor)), default=0)
 
 
 def _is_number(v: Any) -> bool:
