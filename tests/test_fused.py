@@ -556,3 +556,73 @@ def test_state_edited_by_the_user_is_what_the_next_step_reads(eager_fused, edit)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=0)
         assert opt.state[p]["step"].item() == ref.state[q]["step"].item()
+
+
+def _absent_runs(make, schedule, shapes, seed=0):
+    """(params, optimizer) after the steps of ``schedule`` (per step, the indices of the parameters
+    that get a gradient), for the reference path and the fused one."""
+    runs = []
+    for fused in (False, True):
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+        opt = make(params, fused)
+        with _no_fallback():
+            for t, have in enumerate(schedule):
+                opt.zero_grad()
+                for i in have:
+                    params[i].grad = torch.randn(shapes[i], generator=g, dtype=torch.float64) * (t + 1)
+                opt.step()
+        runs.append((params, opt))
+    return runs
+
+
+ABSENT_CASES = {
+    # weight decay makes the updates of a parameter not stepped non-zero before moment_clip counts
+    "moment_clip_fraction": (
+        lambda ps, f: sg.optim.Adam(ps, lr=0.1, weight_decay=1.0, moment_clip=1.0, fused=f),
+        [(0, 1), (0, 1), (1,), (0, 1)],
+        [(100,), (4,)],
+    ),
+    # a norm clip inside a chain sees the Adam updates of every parameter in the buffer
+    "norm_clip_in_a_chain": (
+        lambda ps, f: sg.optim.Transformed(
+            ps, sg.chain(sg.scale_by_adam(), sg.clip_by_norm(0.5), sg.scale_by_lr()), lr=0.1, fused=f
+        ),
+        [(0, 1), (0,), (0, 1)],
+        [(4,), (4,)],
+    ),
+    # a group none of whose parameters has a gradient keeps its shared state (AutoClip's history)
+    "group_without_gradients": (
+        lambda ps, f: sg.optim.Transformed(
+            [{"params": ps[:1]}, {"params": ps[1:]}],
+            sg.chain(sg.autoclip(percentile=50), sg.scale_by_lr()),
+            lr=0.1,
+            fused=f,
+        ),
+        [(0, 1), (0, 1), (0,), (0, 1)],
+        [(8,), (4,)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ABSENT_CASES))
+def test_parameters_without_a_gradient_leave_chain_statistics_as_the_reference(eager_fused, case):
+    """A chain with shared state (a statistic, a norm clip) takes the reference path at a step
+    where a gradient is missing: in the buffers, a parameter not stepped still has updates after
+    weight decay or Adam's old moments, which the chain's reductions would see."""
+    make, schedule, shapes = ABSENT_CASES[case]
+    (ref_params, ref), (fused_params, fused) = _absent_runs(make, schedule, shapes)
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-13)
+    for key in set(ref.state) - set(ref_params):
+        for name_, value in ref.state[key].items():
+            assert max_rel_diff(fused.state[key][name_], value) <= 1e-13, (key, name_)
+
+
+def test_no_state_is_made_for_parameters_never_stepped(eager_fused):
+    """Adagrad makes its state in the constructor; a parameter that never gets a gradient is still
+    not laid into the buffers, and gets no clip= state, as on the reference path."""
+    (ref_params, ref), (fused_params, fused) = _absent_runs(
+        lambda ps, f: sg.optim.Adagrad(ps, lr=0.1, clip=sg.clip_by_moment(), fused=f), [(0,), (0,)], [(3,), (3,)]
+    )
+    assert sorted(fused.state[fused_params[1]]) == sorted(ref.state[ref_params[1]]) == ["step", "sum"]
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-13)

@@ -235,3 +235,22 @@ def test_skip_nonfinite_in_float16_keeps_the_momentum_buffer_finite():
     _assert_same(dirty, clean, ignore=("group.nonfinite", "group.total"))  # it counts the skip
     assert all(torch.isfinite(p).all() for p in dirty[0])
     assert int(dirty[1].state[dirty[0][0]]["group.total"]) == 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_load_state_dict_keeps_the_nonfinite_mode(fused, monkeypatch):
+    """torch's load_state_dict re-enters __setstate__ with the state and groups only: the
+    optimizer's nonfinite="skip" stays, and an inf gradient after loading leaves no trace."""
+    monkeypatch.setenv("STEADYGRAD_COMPILE", "0")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = sg.optim.AdamW([p], lr=0.1, nonfinite="skip", fused=fused)
+    p.grad = torch.ones(3)
+    opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    other = sg.optim.AdamW([q], lr=0.1, nonfinite="skip", fused=fused)
+    other.load_state_dict(opt.state_dict())
+    assert other.nonfinite == "skip"
+    before = q.detach().clone()
+    q.grad = torch.tensor([math.inf, 1.0, 1.0])
+    other.step()
+    assert torch.equal(q.detach(), before) and other.state[q]["step"].item() == 1

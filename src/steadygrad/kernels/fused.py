@@ -31,9 +31,10 @@ on the buffer's unit-class views.
   step runs with one counter per buffer; otherwise a *segmented* step (a second compiled
   program) keeps the counters as per-parameter tables, computes the transforms' counter factors
   (bias corrections) on them and gathers them per element, and keeps the old value of every
-  element (and table entry) of a parameter not stepped (:func:`_segmented`; for element-wise programs; a
-  unit-wise one takes the reference path while some gradient is missing, and gives up once the
-  counts part). A parameter that gets its first gradient after the buffers were built, and
+  element (and table entry) of a parameter not stepped (:func:`_segmented`; for element-wise
+  programs. A step where a gradient is missing takes the reference path when a chain keeps shared
+  state, :func:`_absent_exact`; a unit-wise program does so too, and gives up once the counts
+  part). A parameter that gets its first gradient after the buffers were built, and
   replaced parameter data (``p.data = ...``) or state entries, lay the buffers out again.
 """
 
@@ -53,7 +54,7 @@ from torch import Tensor
 from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates
 from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
-from ..core.transform import StepContext, state_leaves
+from ..core.transform import Chain, StepContext, state_leaves
 from .flat import FlatGroup, at_least_1d, ineligibility
 
 __all__ = ["FusedExecutor", "compile_enabled"]
@@ -236,8 +237,13 @@ class FusedExecutor:
 
     def _build(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> str | None:
         groups = []
-        # those with a gradient now, and those stepped before (they may have none this step)
-        members = [[p for p in group["params"] if p.grad is not None or store.get(p)] for group in param_groups]
+        # those with a gradient now, and those whose state the program has made before (stepped
+        # before; they may have none this step). Others stay outside: a state is made for a
+        # parameter only when it is stepped, as by the reference path and torch.
+        members = [
+            [p for p in group["params"] if p.grad is not None or _has_state(store.get(p), program, index)]
+            for index, group in enumerate(param_groups)
+        ]
         # gradients the steps will read where autograd writes them are not copied in (see step)
         adopt = not _worth_reading([p for ps in members for p in ps]) or not all(
             _readable_gradient(p) for ps in members for p in ps if p.grad is not None
@@ -382,6 +388,9 @@ class FusedExecutor:
         missing = any(f.missing_gradients() for f in replaced)
         if program.structure == "tensors":
             return self._give_up("a transform needs whole tensors (structure='tensors')")
+        if missing and program.structure == "elements" and not _absent_exact(program):
+            self._uniform = False  # the reference path steps those with a gradient only; later steps
+            return False  # with every gradient run segmented
         if program.structure != "elements" and (missing or not self._uniform):
             # Per-parameter counters and masks need one tensor per buffer (the element structure).
             if not self._uniform:
@@ -573,6 +582,26 @@ def _counter_fields(program: Any, index: int) -> tuple[frozenset, frozenset]:
 
     clip = fields(program.clip_layout) if program.clip_layout is not None else frozenset()
     return fields(program.groups[index].layout), clip
+
+
+def _absent_exact(program: Any) -> bool:
+    """Whether a segmented step with parameters that have no gradient equals the reference path,
+    which leaves them out: no group chain keeps shared state, and ``clip`` is one transform. In a
+    chain, a parameter not stepped still has updates after its first transform (weight decay,
+    Adam's old moments), which a later reduction in the chain would see (a norm clip, the
+    fraction ``moment_clip`` clips: shared state), and a group none of whose parameters has a
+    gradient would still commit its shared state. Such a program takes the reference path at a
+    step where a gradient is missing."""
+    return all(not g.layout.shared for g in program.groups) and not isinstance(program.clip, Chain)
+
+
+def _has_state(entry: dict | None, program: Any, index: int) -> bool:
+    """Whether a parameter's state ``entry`` holds every per-parameter key of group ``index``'s
+    chain and of ``clip``."""
+    if not entry:
+        return False
+    layouts = [program.groups[index].layout] + ([program.clip_layout] if program.clip_layout is not None else [])
+    return all(k.key in entry for layout in layouts for k in layout.per_param)
 
 
 def _layout(program: Any) -> tuple:

@@ -346,7 +346,9 @@ class TransformOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("nonfinite", "ignore")
+        # torch's load_state_dict calls this with the state and groups only: the optimizer's own
+        # settings stay (an old pickle without them gets the defaults)
+        state.setdefault("nonfinite", getattr(self, "nonfinite", "ignore"))
         super().__setstate__(state)
         self._last_program = None
         self._programs = {}
