@@ -3,10 +3,11 @@
 An optimizer step is memory-bound, and its cost on a model of many small tensors is dominated
 by per-tensor overhead (kernel launches, Python, compile time growing with the tensor count).
 A :class:`FlatGroup` moves the parameters of one (parameter group, device, dtype) into one
-contiguous buffer and makes each parameter a view into it (``p.data``), does the same for the
-gradients (``p.grad``) and for every per-parameter state entry (``optimizer.state[p][key]``),
-so that a step can run over a few large tensors while the model, autograd and ``state_dict``
-still see ordinary per-parameter tensors.
+contiguous buffer and makes each parameter a view into it (``p.data``), does the same for every
+per-parameter state entry (``optimizer.state[p][key]``) and, when it ``adopts`` them, for the
+gradients (``p.grad``; else the step reads them where autograd wrote them), so that a step can
+run over a few large tensors while the model, autograd and ``state_dict`` still see ordinary
+per-parameter tensors.
 
 Layout: parameters are ordered by *unit class* — the length of a row along dim 0 (a 0-D or 1-D
 tensor is one row: AGC's unit) — so that every class is one contiguous ``(rows, row_length)``
