@@ -16,10 +16,10 @@ the class views as on the parameters (see :mod:`steadygrad.core.transform`).
 
 Per-parameter state of the shape of the parameter gets one buffer per key; 0-d state (step
 counters) gets a small buffer with one element per parameter (the *table*). While every parameter
-has stepped as often (``uniform``) the kernel advances one counter per class and copies it back;
-once they part (a parameter without a gradient at a step), the kernel reads each element's
-counter from the table through the *segment index* (the parameter of every element) and writes
-the table.
+has stepped as often, the kernel advances one counter per class and copies it back; once they
+part (a parameter without a gradient at a step), the kernel advances the table itself and
+gathers the factors it computes from it per element through the *segment index* (the parameter
+of every element).
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ class FlatGroup:
     entries: dict[str, list[Tensor]] = field(default_factory=dict)  # key -> the per-parameter views
     dicts: list[dict] = field(default_factory=list)  # store[p] per parameter
     versions: dict[str, int] = field(default_factory=dict)  # key -> scalar buffer's version
-    uniform: bool = True  # the counters in ``scalar`` are known to be equal (``counters`` holds them)
     adopts: bool = True  # gradients are copied into ``grad_buf`` (else read where autograd writes them)
     _segments: tuple[Tensor, Tensor] | None = None  # (segment index, elements per parameter)
     _per_param: dict[Any, list[Tensor]] = field(default_factory=dict)  # kept per-parameter views
@@ -172,7 +171,6 @@ class FlatGroup:
                         store[p][key] = buf[i]
                     group.scalar[key] = buf
                     group.counters[key] = buf[:1].repeat(len(classes))
-            group.uniform = all(bool((buf == buf[:1]).all()) for buf in group.scalar.values())  # read once
             group.dicts = [store[p] for p in params]
             group.entries = {key: [d[key] for d in group.dicts] for key in kinds}
             group.record_versions()
@@ -259,13 +257,11 @@ class FlatGroup:
 
     def sync_counters(self) -> bool:
         """Whether the per-parameter counters agree (read on the host); if they do, the class
-        counters are set from them (``uniform``)."""
+        counters are set from them."""
         for key, buf in self.scalar.items():
             if not bool((buf == buf[:1]).all()):
-                self.uniform = False
                 return False
             self.counters[key].copy_(buf[:1].expand_as(self.counters[key]))
-        self.uniform = True
         return True
 
     def segments(self) -> tuple[Tensor, Tensor]:

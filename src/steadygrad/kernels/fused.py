@@ -282,7 +282,7 @@ class FusedExecutor:
                 flats.append(flat)
             groups.append(_Group(index, flats, hyper, tensors))
         self.groups = groups
-        self._uniform = all(f.uniform for g in groups for f in g.flats)
+        self._uniform = all([f.sync_counters() for g in groups for f in g.flats])  # a host read, once
         self._program_key, self._layout = program.key, _layout(program)
         flat = {id(p) for g in groups for f in g.flats for p in f.params}
         self._outside = [p for group in param_groups for p in group["params"] if id(p) not in flat]
@@ -295,12 +295,10 @@ class FusedExecutor:
         g.layout.ensure(
             store, params, Replicated(store, param_groups[index]["params"]), step_on_device=g.step_on_device
         )
-        keys = [k.key for k in g.layout.per_param]
         if program.clip_layout is not None:
             members = [p for group in param_groups for p in group["params"]]
             program.clip_layout.ensure(store, params, Replicated(store, members))
-            keys += [k.key for k in program.clip_layout.per_param]
-        return keys
+        return [k.key for layout in _layouts(program, index) for k in layout.per_param]
 
     @staticmethod
     def _refresh(group: dict[str, Any], tensors: dict[str, Any]) -> None:
@@ -388,17 +386,16 @@ class FusedExecutor:
         missing = any(f.missing_gradients() for f in replaced)
         if program.structure == "tensors":
             return self._give_up("a transform needs whole tensors (structure='tensors')")
-        if missing and program.structure == "elements" and not _absent_exact(program):
-            self._uniform = False  # the reference path steps those with a gradient only; later steps
-            return False  # with every gradient run segmented
-        if program.structure != "elements" and (missing or not self._uniform):
-            # Per-parameter counters and masks need one tensor per buffer (the element structure).
-            if not self._uniform:
-                return self._give_up(
-                    "the parameters have taken different numbers of steps, and a transform needs whole rows "
-                    "(structure='units')"
-                )
-            self._uniform = False  # the reference path steps those with a gradient only
+        # Per-parameter counters and masks need one tensor per buffer (the element structure).
+        if program.structure != "elements" and not self._uniform:
+            return self._give_up(
+                "the parameters have taken different numbers of steps, and a transform needs whole rows "
+                "(structure='units')"
+            )
+        if missing and not (program.structure == "elements" and _absent_exact(program)):
+            # The reference path steps those with a gradient only; the element structure's later
+            # steps run segmented.
+            self._uniform = False
             return False
         segmented = missing or not self._uniform
         # New gradients of a few tensors are read where autograd put them (no copy into the
@@ -472,7 +469,7 @@ class FusedExecutor:
                 g.hyper = self._hyper(group, g.tensors, g.flats[0].param_buf.device)
                 self._refresh(group, g.tensors)
                 hypers.append(_specialized(g.hyper, group))
-            counters = [_counter_fields(program, g.index) for g in self.groups] if segmented else None
+            counters = _counter_fields(program, [g.index for g in self.groups]) if segmented else None
             fn = _step_function(program, [g.index for g in self.groups], hypers, counters)
             kernel = _compile(fn) if compile_enabled() else fn
             plan = _Plan(_with_fallback(kernel, fn, self._warn), program)
@@ -558,9 +555,8 @@ def _counter_keys(program: Any, index: int) -> frozenset[str]:
     counters) whatever the parameter's shape: what the transforms create for a 2-element
     parameter as 0-d (a 0-d parameter's counters cannot be told from its per-element state)."""
     probe = [torch.empty(2, device="meta")]
-    layouts = [program.groups[index].layout] + ([program.clip_layout] if program.clip_layout is not None else [])
     out = set()
-    for layout in layouts:
+    for layout in _layouts(program, index):
         try:
             template = layout.transform.init(probe)
         except Exception:  # noqa: BLE001 - a hand-written init that reads values: shapes decide
@@ -572,16 +568,22 @@ def _counter_keys(program: Any, index: int) -> frozenset[str]:
     return frozenset(out)
 
 
-def _counter_fields(program: Any, index: int) -> tuple[frozenset, frozenset]:
-    """The ``(leaf, field)`` of the step counters in the state of group ``index``'s chain and of
-    ``clip``: what a segmented step expands from per-parameter tables to per-element values."""
-    keys = _counter_keys(program, index)
+def _layouts(program: Any, index: int) -> list[Any]:
+    """The state layouts a parameter of group ``index`` has entries of: its chain's, and ``clip``'s."""
+    return [program.groups[index].layout] + ([program.clip_layout] if program.clip_layout is not None else [])
 
-    def fields(layout: Any) -> frozenset:
-        return frozenset((k.leaf, k.field) for k in layout.per_param if k.key in keys)
 
-    clip = fields(program.clip_layout) if program.clip_layout is not None else frozenset()
-    return fields(program.groups[index].layout), clip
+def _counter_fields(program: Any, indices: list[int]) -> tuple[list[frozenset], frozenset]:
+    """The ``(leaf, field)`` of the step counters in the state of each group's chain (of
+    ``indices``) and of ``clip``: the fields a segmented step gets as per-parameter tables."""
+    keys = {i: _counter_keys(program, i) for i in indices}
+
+    def fields(layout: Any, index: int) -> frozenset:
+        return frozenset((k.leaf, k.field) for k in layout.per_param if k.key in keys[index])
+
+    groups = [fields(program.groups[i].layout, i) for i in indices]
+    clip = fields(program.clip_layout, indices[0]) if program.clip_layout is not None and indices else frozenset()
+    return groups, clip
 
 
 def _absent_exact(program: Any) -> bool:
@@ -598,10 +600,7 @@ def _absent_exact(program: Any) -> bool:
 def _has_state(entry: dict | None, program: Any, index: int) -> bool:
     """Whether a parameter's state ``entry`` holds every per-parameter key of group ``index``'s
     chain and of ``clip``."""
-    if not entry:
-        return False
-    layouts = [program.groups[index].layout] + ([program.clip_layout] if program.clip_layout is not None else [])
-    return all(k.key in entry for layout in layouts for k in layout.per_param)
+    return bool(entry) and all(k.key in entry for layout in _layouts(program, index) for k in layout.per_param)
 
 
 def _layout(program: Any) -> tuple:
@@ -613,14 +612,17 @@ def _layout(program: Any) -> tuple:
 
 
 def _step_function(
-    program: Any, indices: list[int], hypers: list[dict[str, Any]], counters: list[tuple[frozenset, frozenset]] | None
+    program: Any,
+    indices: list[int],
+    hypers: list[dict[str, Any]],
+    counters: tuple[list[frozenset], frozenset] | None,
 ) -> Callable:
     """The step over flat buffers: ``clip`` once over all groups, then each group's chain, its
     updates added to the parameters (``apply_``), exactly as the reference executor does.
 
     ``counters`` makes a *segmented* step (the parameters' step counts differ, or some have no
-    gradient at this step): per group, the ``(leaf, field)`` of the counters in its chain's state
-    and in ``clip``'s, which the step gets as per-parameter tables. It then also gets
+    gradient at this step): the ``(leaf, field)`` of the counters in each group's chain state and
+    in ``clip``'s (:func:`_counter_fields`), which the step gets as per-parameter tables. It then also gets
     ``segments``, per group and flat buffer the parameter of every element, the elements of every
     parameter and which parameters are stepped; each transform runs under :func:`_segmented`.
     Otherwise ``segments`` is ``None``."""
@@ -646,12 +648,11 @@ def _step_function(
             if counters is None:
                 flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, ctx)
             else:
-                fields = frozenset().union(*(c for _, c in counters))
                 flat_segments = [s for segs in segments for s in segs]
                 flat_updates, clip_state = _segmented(
                     lambda state, ctx: clip.update(flat_updates, state, flat_params, ctx),
                     clip_state,
-                    fields,
+                    counters[1],
                     flat_segments,
                     ctx,
                 )
@@ -666,7 +667,7 @@ def _step_function(
                 _, new = _segmented(
                     lambda state, ctx, ps=ps, us=us, part=part: (None, part.transform.apply_(ps, us, state, ctx)),
                     state,
-                    counters[i][0],
+                    counters[0][i],
                     segments[i],
                     ctx,
                 )
@@ -744,7 +745,7 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
 
 def _gather_flat(layout: Any, flats: list[FlatGroup], shared: Replicated, structure: str, segmented: bool) -> Any:
     """The transform state over the views of ``flats`` for ``structure``; a segmented step gets
-    the per-parameter counter tables themselves (the step function expands them per element)."""
+    the per-parameter counter tables themselves (see :func:`_segmented`)."""
 
     def per_param(k: Any) -> list[Tensor]:
         if k.key in flats[0].full:
