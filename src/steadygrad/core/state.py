@@ -245,6 +245,8 @@ class StateLayout:
 
     def store_shared(self, state: Any, shared: SharedDict | Replicated, params: Sequence[Tensor] = ()) -> None:
         """Writes the shared fields of ``state`` back (``params``: entries that must hold them)."""
+        if not self.shared:
+            return
         leaves = [leaf for _, leaf in state_leaves(state)]
         for k in self.shared:
             shared.put(k.key, getattr(leaves[k.leaf], k.field), params)

@@ -45,7 +45,7 @@ import os
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -116,35 +116,98 @@ class _ScalarsFirst(_scalar_pass_base()):  # type: ignore[misc]
     buffer of its own, computed once before the loops. Left to itself, inductor inlines such a
     scalar into the vectorised loop that reads it, where it is computed again for every vector of
     16 elements (the C++ compiler cannot hoist loads that may alias the loop's stores); torch's
-    fused kernels compute them once per tensor. The realization is a two-element maximum of the
-    value with itself (exact), which inductor never inlines."""
+    fused kernels compute them once per tensor.
+
+    The scalars computed from the step's one-element inputs alone (hyperparameters, counters:
+    most of them) are moved to the top of the graph and realized together, one buffer per dtype
+    (one allocation at every step instead of one per scalar); the others (a clipping factor from
+    a norm) one by one. The realization is a maximum of two copies of the values (exact), which
+    inductor never inlines. The graph is still functional here (inductor re-inplaces later), so
+    pure nodes may move; a mutating node never does."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        aten = torch.ops.aten
+        early = self._early(graph)
+        together: dict[tuple, list[torch.fx.Node]] = {}
         for node in list(graph.nodes):
-            if node.op != "call_function" or node.target is aten.amax.default:
-                continue
             val = node.meta.get("val")
+            if node.op != "call_function" or node.target is torch.ops.aten.amax.default:
+                continue
             if not (isinstance(val, Tensor) and val.dim() == 0 and val.dtype.is_floating_point):
                 continue
-            big = [u for u in node.users if _numel(u) > 1]
-            if not big:
+            if not any(_numel(u) > 1 for u in node.users):
                 continue
-            with graph.inserting_after(node):
-                row = graph.call_function(aten.unsqueeze.default, (node, 0))
-            with graph.inserting_after(row):
-                pair = graph.call_function(aten.cat.default, ([row, row],))
-            with graph.inserting_after(pair):
-                once = graph.call_function(aten.amax.default, (pair, [0]))
-            with val.fake_mode:
-                row.meta["val"] = val.unsqueeze(0)
-                pair.meta["val"] = torch.cat([row.meta["val"], row.meta["val"]])
-                once.meta["val"] = pair.meta["val"].amax(0)
-            for user in big:
-                user.replace_input_with(node, once)
+            if node in early:
+                together.setdefault((val.dtype, val.device), []).append(node)
+            else:
+                self._realize(graph, [node], node)
+        if together:
+            anchor = next(n for n in reversed(graph.nodes) if n in early)
+            for nodes in together.values():
+                anchor = self._realize(graph, nodes, anchor)
+
+    @staticmethod
+    def _early(graph: torch.fx.Graph) -> set:
+        """The pure nodes whose inputs are all one-element placeholders or such nodes, each moved
+        up to follow the placeholders (in their order)."""
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        small = {n for n in placeholders if _numel(n) <= 1}
+        early: list[torch.fx.Node] = []
+        for node in graph.nodes:
+            if node.op != "call_function" or _numel(node) > 1 or not node.users:
+                continue
+            schema = getattr(node.target, "_schema", None)
+            if schema is None or schema.is_mutable:
+                continue
+            if all(i in small for i in node.all_input_nodes):
+                small.add(node)
+                early.append(node)
+        anchor = placeholders[-1] if placeholders else None
+        for node in early:
+            if anchor is None:
+                next(iter(graph.nodes)).prepend(node)
+            else:
+                anchor.append(node)
+            anchor = node
+        return set(early)
+
+    @staticmethod
+    def _realize(graph: torch.fx.Graph, nodes: list[torch.fx.Node], anchor: torch.fx.Node) -> torch.fx.Node:
+        """Realizes the 0-d ``nodes`` (one dtype) as one buffer, inserted after ``anchor``; their
+        users on whole buffers read it. Returns the last node inserted."""
+        aten = torch.ops.aten
+        vals = [n.meta["val"] for n in nodes]
+        users = [[u for u in n.users if _numel(u) > 1] for n in nodes]
+        added = []
+
+        def add(target: Any, args: tuple, val: Tensor) -> torch.fx.Node:
+            with graph.inserting_after(added[-1] if added else anchor):
+                node = graph.call_function(target, args)
+            node.meta["val"] = val
+            added.append(node)
+            return node
+
+        k, device = len(nodes), vals[0].device
+        with vals[0].fake_mode:
+            # the values side by side, as one element-wise expression (a concatenation would be
+            # a buffer with a view per value), then its maximum with itself: one buffer
+            index = torch.arange(k, device=device)
+            iota = add(torch.ops.prims.iota.default, (k,), index)
+            iota.kwargs = {"start": 0, "step": 1, "dtype": torch.int64, "device": device, "requires_grad": False}
+            stacked = torch.stack(vals)
+            row = add(aten.expand.default, (nodes[0], [k]), stacked.clone())
+            for i, node in enumerate(nodes[1:], 1):
+                at = add(aten.eq.Scalar, (iota, i), index == i)
+                row = add(aten.where.self, (at, node, row), stacked.clone())
+            table = add(aten.expand.default, (row, [2, k]), stacked.expand(2, k))
+            once = add(aten.amax.default, (table, [0]), stacked.clone())
+            for i, (node, val, big) in enumerate(zip(nodes, vals, users)):
+                one = add(aten.select.int, (once, 0, i), val.clone())
+                for user in big:
+                    user.replace_input_with(node, one)
+        return added[-1]
 
     def uuid(self) -> str:
-        return "steadygrad.scalars-first.1"
+        return "steadygrad.scalars-first.3"
 
 
 def _numel(node: Any) -> int:
@@ -170,6 +233,33 @@ class _Group:
     flats: list[FlatGroup]
     hyper: dict[str, Any]  # the group with 0-d tensors for its numbers
     tensors: dict[str, Tensor | tuple[Tensor, ...]]  # the tensors of ``hyper`` to refresh
+    # the Python number (or tuple of numbers) each tensor of ``tensors`` was last set to
+    written: dict[str, Any] = field(default_factory=dict)
+
+    def refresh(self, group: dict[str, Any]) -> None:
+        """Copies the group's current hyperparameters into their tensors (no host sync). A number
+        that is the very object copied at the last step is skipped (numbers are immutable; an LR
+        scheduler's new value is a new object): a step with unchanged options writes nothing."""
+        written = self.written
+        with torch.no_grad():
+            for key, t in self.tensors.items():
+                value = group.get(key)
+                if value is written.get(key, written):
+                    continue
+                if (
+                    value is None
+                    or isinstance(value, bool)
+                    or not (_is_scalar(value) or (isinstance(value, tuple) and all(_is_scalar(v) for v in value)))
+                ):
+                    continue  # an option that is no number now (moment_clip back to None)
+                pairs = list(zip(t, value)) if isinstance(t, tuple) else [(t, value)]
+                for ti, vi in pairs:
+                    if isinstance(vi, Tensor):
+                        ti.copy_(vi.reshape(()))
+                    else:
+                        ti.fill_(vi)
+                if not any(isinstance(vi, Tensor) for _, vi in pairs):  # a tensor may change in place
+                    written[key] = value
 
 
 @dataclass
@@ -178,6 +268,7 @@ class _Plan:
 
     kernel: Callable
     program: Any
+    views: tuple | None = None  # its inputs' views of the buffers (see FusedExecutor._arguments)
 
 
 class FusedExecutor:
@@ -268,7 +359,6 @@ class FusedExecutor:
                 return "a parameter group on several devices"
             tensors: dict[str, Any] = {}
             hyper = self._hyper(group, tensors, params[0].device)
-            self._refresh(group, tensors)
             keys = self._keys(program, index, param_groups, params, store)
             counters = _counter_keys(program, index)
             flats = []
@@ -281,6 +371,7 @@ class FusedExecutor:
                     return flat
                 flats.append(flat)
             groups.append(_Group(index, flats, hyper, tensors))
+            groups[-1].refresh(group)
         self.groups = groups
         self._uniform = all([f.sync_counters() for g in groups for f in g.flats])  # a host read, once
         self._program_key, self._layout = program.key, _layout(program)
@@ -299,24 +390,6 @@ class FusedExecutor:
             members = [p for group in param_groups for p in group["params"]]
             program.clip_layout.ensure(store, params, Replicated(store, members))
         return [k.key for layout in _layouts(program, index) for k in layout.per_param]
-
-    @staticmethod
-    def _refresh(group: dict[str, Any], tensors: dict[str, Any]) -> None:
-        """Copies the group's current hyperparameters into their 0-d tensors (no host sync)."""
-        with torch.no_grad():
-            for key, t in tensors.items():
-                value = group.get(key)
-                if (
-                    value is None
-                    or isinstance(value, bool)
-                    or not (_is_scalar(value) or (isinstance(value, tuple) and all(_is_scalar(v) for v in value)))
-                ):
-                    continue  # an option that is no number now (moment_clip back to None)
-                for ti, vi in zip(t, value) if isinstance(t, tuple) else [(t, value)]:
-                    if isinstance(vi, Tensor):
-                        ti.copy_(vi.reshape(()))
-                    else:
-                        ti.fill_(vi)
 
     def zero_grad(self) -> None:
         """``zero_grad(set_to_none=False)``: zeroes every gradient in place, as torch does. In the
@@ -404,7 +477,7 @@ class FusedExecutor:
         plan = self._plan(program, param_groups, segmented, given)
 
         for g in self.groups:
-            self._refresh(param_groups[g.index], g.tensors)
+            g.refresh(param_groups[g.index])
         if not given:
             for flat in replaced:
                 flat.adopt_gradients()
@@ -413,12 +486,12 @@ class FusedExecutor:
             flat_params = [p for f in flats for p in f.params if p.grad is not None]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
         segments = [[(*f.segments(), f.present()) for f in g.flats] for g in self.groups] if segmented else None
-        arguments = self._arguments(program, param_groups, store, segmented, given)
+        arguments = self._arguments(plan, param_groups, store, segmented, given)
         new_states, clip_state = plan.kernel(*arguments, amp, segments)
         for g, state in zip(self.groups, new_states):
             layout = program.groups[g.index].layout
-            shared = Replicated(store, param_groups[g.index]["params"])
-            layout.store_shared(state, shared)
+            if layout.shared:
+                layout.store_shared(state, Replicated(store, param_groups[g.index]["params"]))
         if program.clip_layout is not None:
             members = [p for group in param_groups for p in group["params"]]
             program.clip_layout.store_shared(clip_state, Replicated(store, members))
@@ -467,7 +540,8 @@ class FusedExecutor:
             for g in self.groups:
                 group = param_groups[g.index]
                 g.hyper = self._hyper(group, g.tensors, g.flats[0].param_buf.device)
-                self._refresh(group, g.tensors)
+                g.written.clear()  # tensors _hyper added start at zero
+                g.refresh(group)
                 hypers.append(_specialized(g.hyper, group))
             counters = _counter_fields(program, [g.index for g in self.groups]) if segmented else None
             fn = _step_function(program, [g.index for g in self.groups], hypers, counters)
@@ -477,29 +551,37 @@ class FusedExecutor:
         return plan
 
     def _arguments(
-        self, program: Any, param_groups: list[dict[str, Any]], store: Any, segmented: bool, given: bool
+        self, plan: _Plan, param_groups: list[dict[str, Any]], store: Any, segmented: bool, given: bool
     ) -> tuple:
         """The kernel's inputs: per group the parameters, gradients and state as views of the
         flat buffers (whole buffers, unit classes, or with ``given`` one per parameter next to the
-        gradients autograd wrote, each with its own counter), and ``clip``'s state."""
-        structure = "tensors" if given else program.structure
-        params, grads, states = [], [], []
-        for g in self.groups:
-            layout = program.groups[g.index].layout
-            params.append([v for f in g.flats for v in f.class_views(f.param_buf, structure)])
-            if given:
-                grads.append([at_least_1d(p.grad) for f in g.flats for p in f.params])
-            else:
+        gradients autograd wrote, each with its own counter), and ``clip``'s state.
+
+        The views are made at a plan's first step and kept with it (the buffers live as long as
+        the plan); shared state is read from ``store`` at every step, and every state gets
+        :meth:`~steadygrad.core.transform.Transform.reserve` at every step."""
+        program = plan.program
+        if plan.views is None:
+            structure = "tensors" if given else program.structure
+            params, grads, states = [], [], []
+            for g in self.groups:
+                params.append([v for f in g.flats for v in f.class_views(f.param_buf, structure)])
                 grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, structure)])
-            shared = Replicated(store, param_groups[g.index]["params"])
-            state = _gather_flat(layout, g.flats, shared, structure, segmented)
-            states.append(layout.transform.reserve(state))  # room for this step, outside compiled code
-        clip_state = None
-        if program.clip_layout is not None:
+                states.append(_FlatState(program.groups[g.index].layout, g.flats, structure, segmented))
             flats = [f for g in self.groups for f in g.flats]
+            clip = None if program.clip_layout is None else _FlatState(program.clip_layout, flats, structure, segmented)
+            plan.views = params, grads, states, clip
+        params, grads, states, clip = plan.views
+        if given:
+            grads = [[at_least_1d(p.grad) for f in g.flats for p in f.params] for g in self.groups]
+        states = [
+            s.layout.transform.reserve(s.gather(Replicated(store, param_groups[g.index]["params"])))
+            for g, s in zip(self.groups, states)
+        ]  # room for this step, outside compiled code
+        clip_state = None
+        if clip is not None:
             members = [p for group in param_groups for p in group["params"]]
-            clip_state = _gather_flat(program.clip_layout, flats, Replicated(store, members), structure, segmented)
-            clip_state = program.clip.reserve(clip_state)
+            clip_state = program.clip.reserve(clip.gather(Replicated(store, members)))
         return params, grads, states, clip_state
 
 
@@ -743,18 +825,31 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
     return run
 
 
-def _gather_flat(layout: Any, flats: list[FlatGroup], shared: Replicated, structure: str, segmented: bool) -> Any:
-    """The transform state over the views of ``flats`` for ``structure``; a segmented step gets
-    the per-parameter counter tables themselves (see :func:`_segmented`)."""
+class _FlatState:
+    """The state of one layout over the views of ``flats`` for ``structure``: the per-parameter
+    views made once, the shared fields read at every :meth:`gather`. A segmented step gets the
+    per-parameter counter tables themselves (see :func:`_segmented`)."""
 
-    def per_param(k: Any) -> list[Tensor]:
-        if k.key in flats[0].full:
-            return [v for f in flats for v in f.class_views(f.full[k.key], structure)]
-        if segmented:
-            return [f.scalar[k.key] for f in flats]
-        return [v for f in flats for v in f.counter_views(k.key, structure)]
+    def __init__(self, layout: Any, flats: list[FlatGroup], structure: str, segmented: bool) -> None:
+        self.layout = layout
+        self.views: dict[str, list[Tensor]] = {}
+        for k in layout.per_param:
+            if k.key in flats[0].full:
+                self.views[k.key] = [v for f in flats for v in f.class_views(f.full[k.key], structure)]
+            elif segmented:
+                self.views[k.key] = [f.scalar[k.key] for f in flats]
+            else:
+                self.views[k.key] = [v for f in flats for v in f.counter_views(k.key, structure)]
+        self._state = None if layout.shared else layout.assemble(self._per_param, None)
 
-    return layout.assemble(per_param, shared)
+    def _per_param(self, k: Any) -> list[Tensor]:
+        return self.views[k.key]
+
+    def gather(self, shared: Replicated) -> Any:
+        """The state, with the shared fields as ``shared`` holds them now."""
+        if self._state is not None:
+            return self._state
+        return self.layout.assemble(self._per_param, shared)
 
 
 def _copy_back(old: Any, new: Any) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from operator import attrgetter
 from typing import Any
 
@@ -159,9 +160,10 @@ class StepProgram:
             )
         return None
 
-    @property
+    @cached_property
     def structure(self) -> str:
-        """The structure the whole step needs (see :data:`steadygrad.core.transform.STRUCTURES`)."""
+        """The structure the whole step needs (see :data:`steadygrad.core.transform.STRUCTURES`);
+        worked out once per program (transforms are immutable values)."""
         parts = [g.transform.structure for g in self.groups]
         if self.clip is not None:
             parts.append(self.clip.structure)
