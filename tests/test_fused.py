@@ -277,6 +277,38 @@ def test_no_recompiles_across_a_one_cycle_schedule(monkeypatch):
     assert sum(counters["recompiles"].values()) == 0
 
 
+def test_hyperparameters_edited_between_steps_are_read(eager_fused):
+    """Numbers the groups hold are copied into the step's tensors only when they changed (a new
+    Python object); a tensor ``lr`` changed in place, a value set back to an earlier object and a
+    replaced ``betas`` tuple are all read, as by the reference path."""
+    ref_params = real_params()
+    fused_params = clone_params(ref_params)
+    ref = make("Adam", {"weight_decay": 0.1}, ref_params)
+    fused = make("Adam", {"weight_decay": 0.1}, fused_params, fused=True)
+    first_lr = ref.param_groups[0]["lr"]
+    tensor_lrs = [torch.tensor(0.003, dtype=torch.float64) for _ in range(2)]
+
+    def edit(opt, step, tensor_lr):
+        group = opt.param_groups[0]
+        if step == 2:
+            group["lr"] = 0.5 * first_lr
+        elif step == 4:
+            group["lr"] = first_lr  # the object written at step 0, not the last one
+        elif step == 5:
+            group["betas"] = (0.8, 0.95)
+        elif step == 6:
+            group["lr"] = tensor_lr
+        elif step == 8:
+            tensor_lr.fill_(0.001)  # in place: the same object, another value
+
+    for step in range(10):
+        for params, opt, tensor_lr in ((ref_params, ref, tensor_lrs[0]), (fused_params, fused, tensor_lrs[1])):
+            edit(opt, step, tensor_lr)
+            step_all(params, opt, step)
+    assert fused._fused.groups is not None and fused._fused.disabled is None
+    assert_same_run(fused_params, fused, ref_params, ref, rtol=1e-14, rtol32=1e-6)
+
+
 COMPILED = [
     ("Adam", {"moment_clip": 2.0, "weight_decay": 0.1}, (torch.float64, torch.float32)),
     # a zero weight decay built in as 0; the count shares the update's loop

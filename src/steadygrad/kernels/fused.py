@@ -11,8 +11,9 @@ update — with ``torch.compile(fullgraph=True)``: inductor turns it into one lo
 transforms are all element-wise runs on each buffer whole; one with a unit-wise transform (AGC)
 on the buffer's unit-class views.
 
-* Hyperparameters are one-element float64 tensors, refreshed from ``param_groups`` before every step, so an
-  LR scheduler (OneCycleLR also cycles betas and momentum) never recompiles. Structural options
+* Hyperparameters are one-element float64 tensors, refreshed from ``param_groups`` before every
+  step (written when the group holds another number), so an LR scheduler (OneCycleLR also
+  cycles betas and momentum) never recompiles. Structural options
   (amsgrad, centered, maximize, a hyperparameter switching between zero and non-zero) select a
   separately compiled step.
 * The step applies when the parameters are real, dense and contiguous and the transforms declare
