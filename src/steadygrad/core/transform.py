@@ -54,7 +54,7 @@ Skipping a step without a host sync
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, NamedTuple
 
@@ -78,6 +78,7 @@ __all__ = [
     "coarsest_structure",
     "identity",
     "state_leaves",
+    "with_leaves",
 ]
 
 
@@ -519,3 +520,16 @@ def state_leaves(state: Any, path: tuple[int, ...] = ()) -> Any:
             yield from state_leaves(part, path + (i,))
     else:
         raise TypeError(f"not a transform state: {type(state).__name__}")
+
+
+def with_leaves(state: Any, leaves: Iterable[Any]) -> Any:
+    """``state`` with its transform states (in :func:`state_leaves` order) replaced by
+    ``leaves``: the same nesting of chains."""
+    leaves = iter(leaves)
+
+    def rebuild(part: Any) -> Any:
+        if hasattr(part, "_fields"):
+            return next(leaves)
+        return tuple(rebuild(p) for p in part)
+
+    return rebuild(state)

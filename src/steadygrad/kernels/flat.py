@@ -15,11 +15,12 @@ view. A transform whose ``structure`` is ``"elements"`` or ``"units"`` gives the
 the class views as on the parameters (see :mod:`steadygrad.core.transform`).
 
 Per-parameter state of the shape of the parameter gets one buffer per key; 0-d state (step
-counters) gets a small buffer with one element per parameter (the *table*). While every parameter
-has stepped as often, the kernel advances one counter per class and copies it back; once they
-part (a parameter without a gradient at a step), the kernel advances the table itself and
-gathers the factors it computes from it per element through the *segment index* (the parameter
-of every element).
+counters) gets a small buffer with one element per parameter (the *table*), which the optimizer's
+state entries are views of. While every parameter has stepped as often, a step advances the first
+entries of the table (one per unit class, :meth:`FlatGroup.counter_span`) and copies the first
+to all; once they part (a parameter without a gradient at a step), it advances the table itself
+and gathers the factors it computes from it per element through the *segment index* (the
+parameter of every element).
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class FlatGroup:
     data_ptrs: list[int] = field(default_factory=list)  # of the parameter views, for holds_data
     full: dict[str, Tensor] = field(default_factory=dict)  # key -> buffer like param_buf
     scalar: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per parameter
-    counters: dict[str, Tensor] = field(default_factory=dict)  # key -> one element per class
     # What the optimizer's state holds, to notice a user's edits (state_intact, counters_written):
     entries: dict[str, list[Tensor]] = field(default_factory=dict)  # key -> the per-parameter views
     dicts: list[dict] = field(default_factory=list)  # store[p] per parameter
@@ -170,7 +170,6 @@ class FlatGroup:
                     for i, p in enumerate(params):
                         store[p][key] = buf[i]
                     group.scalar[key] = buf
-                    group.counters[key] = buf[:1].repeat(len(classes))
             group.dicts = [store[p] for p in params]
             group.entries = {key: [d[key] for d in group.dicts] for key in kinds}
             group.record_versions()
@@ -200,19 +199,14 @@ class FlatGroup:
             out.append(buf[c.start : c.start + c.size].view(rows, c.row_length))
         return out
 
-    def counter_views(self, key: str, structure: str) -> list[Tensor]:
-        """The 0-d counters of the 0-d state ``key`` that go with :meth:`class_views`: one per
-        class (distinct tensors, so that a transform advancing each element of its list advances
-        each once), the first one for ``"elements"``, each parameter's entry of the table for
-        ``"tensors"`` (see :meth:`counters_from_table`)."""
-        if structure == "tensors":
-            views = self._per_param.get(key)
-            if views is None:
-                table = self.scalar[key]
-                views = self._per_param[key] = [table[i] for i in range(len(self.params))]
-            return views
-        counters = self.counters[key]
-        return [counters[i] for i in range(1 if structure == "elements" else len(self.classes))]
+    def counter_span(self, structure: str) -> int:
+        """How many entries of a counter table a step of ``structure`` advances, each once: one
+        for ``"elements"`` (the whole buffer is one tensor), one per unit class for ``"units"``,
+        one per parameter for ``"tensors"``. While the parameters have stepped as often, those
+        entries stand for all of them (see the module docstring)."""
+        if structure == "elements":
+            return 1
+        return len(self.classes) if structure == "units" else len(self.params)
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -249,20 +243,16 @@ class FlatGroup:
 
     def counters_written(self) -> bool:
         """Whether a per-parameter counter (``opt.state[p]["step"]``) was written in place since
-        the last step published them (its buffer's version counter moved)."""
+        the last step (its table's version counter moved; :meth:`record_versions` after each)."""
         return any(buf._version != self.versions[key] for key, buf in self.scalar.items())
 
     def record_versions(self) -> None:
         self.versions = {key: buf._version for key, buf in self.scalar.items()}
 
-    def sync_counters(self) -> bool:
-        """Whether the per-parameter counters agree (read on the host); if they do, the class
-        counters are set from them."""
-        for key, buf in self.scalar.items():
-            if not bool((buf == buf[:1]).all()):
-                return False
-            self.counters[key].copy_(buf[:1].expand_as(self.counters[key]))
-        return True
+    def counters_agree(self) -> bool:
+        """Whether every parameter has stepped as often: the entries of each counter table are
+        equal (read on the host)."""
+        return all(bool((buf == buf[:1]).all()) for buf in self.scalar.values())
 
     def segments(self) -> tuple[Tensor, Tensor]:
         """``(index, sizes)``: the parameter of every element of the buffers (int32, laid out
@@ -299,21 +289,3 @@ class FlatGroup:
             for p, view in moved:
                 if p.grad is not None:
                     p.grad = view
-
-    def counters_from_table(self) -> None:
-        """After a uniform step over the per-parameter views, which advanced the table: the class
-        counters from it."""
-        for key, buf in self.scalar.items():
-            self.counters[key].copy_(buf[:1].expand_as(self.counters[key]))
-        self.record_versions()
-
-    def publish_counters(self) -> None:
-        """After a uniform step: copies the first class counter (advanced by the kernel; the others advance with it,
-        or not at all in a step over the whole buffer) to the other classes and the
-        per-parameter entries."""
-        for key, buf in self.scalar.items():
-            counters = self.counters[key]
-            if len(counters) > 1:
-                counters[1:].copy_(counters[:1].expand(len(counters) - 1))
-            buf.copy_(counters[:1].expand_as(buf))
-        self.record_versions()

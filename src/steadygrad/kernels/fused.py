@@ -28,10 +28,12 @@ on the buffer's unit-class views.
   ``None`` as torch's does; a new gradient is copied into the buffer at the next step
   (``zero_grad(set_to_none=False)`` zeroes the buffer in place and saves that copy). A parameter
   without a gradient is not stepped (value, state and step count stay), for any subset of the
-  parameters at any step: while all parameters have a gradient and have stepped as often, the
-  step runs with one counter per buffer; otherwise a *segmented* step (a second compiled
-  program) keeps the counters as per-parameter tables, computes the transforms' counter factors
-  (bias corrections) on them and gathers them per element, and keeps the old value of every
+  parameters at any step. Step counters live in per-parameter tables (the state entries are
+  views of them). While all parameters have a gradient and have stepped as often, the step
+  advances one entry per buffer (per unit class) and copies it to the others, in the compiled
+  step; otherwise a *segmented* step (a second compiled program) advances the tables
+  themselves, computes the transforms' counter factors (bias corrections) on them and gathers
+  them per element, and keeps the old value of every
   element (and table entry) of a parameter not stepped (:func:`_segmented`; for element-wise
   programs. A step where a gradient is missing takes the reference path when a chain keeps shared
   state, :func:`_absent_exact`; a unit-wise program does so too, and gives up once the counts
@@ -55,7 +57,7 @@ from torch import Tensor
 from ..core.gate import all_finite, amp_skips, amp_unscale_, combine_gates
 from ..core.state import Replicated
 from ..core.tensorlist import split_like, working_copy
-from ..core.transform import Chain, StepContext, state_leaves
+from ..core.transform import Chain, StepContext, state_leaves, with_leaves
 from .flat import FlatGroup, at_least_1d, ineligibility
 
 __all__ = ["FusedExecutor", "compile_enabled"]
@@ -374,7 +376,7 @@ class FusedExecutor:
             groups.append(_Group(index, flats, hyper, tensors))
             groups[-1].refresh(group)
         self.groups = groups
-        self._uniform = all([f.sync_counters() for g in groups for f in g.flats])  # a host read, once
+        self._uniform = all([f.counters_agree() for g in groups for f in g.flats])  # a host read, once
         self._program_key, self._layout = program.key, _layout(program)
         flat = {id(p) for g in groups for f in g.flats for p in f.params}
         self._outside = [p for group in param_groups for p in group["params"] if id(p) not in flat]
@@ -451,7 +453,7 @@ class FusedExecutor:
                 return self._give_up(reason)
         flats = [f for g in self.groups for f in g.flats]
         if any(f.counters_written() for f in flats):  # opt.state[p]["step"] written in place
-            self._uniform = all([f.sync_counters() for f in flats])
+            self._uniform = all([f.counters_agree() for f in flats])
         replaced = [f for f in flats if not f.gradients_in_place()]
         for f in replaced:
             reason = next(filter(None, map(_sparse_gradient, f.params)), None)
@@ -498,14 +500,8 @@ class FusedExecutor:
             program.clip_layout.store_shared(clip_state, Replicated(store, members))
         if segmented:
             self._uniform = False
-            for flat in flats:
-                flat.record_versions()
-        elif given:  # the kernel advanced the per-parameter counters (equal: a uniform step)
-            for flat in flats:
-                flat.counters_from_table()
-        else:
-            for flat in flats:
-                flat.publish_counters()
+        for flat in flats:  # the step wrote the counter tables
+            flat.record_versions()
         return True
 
     def _state_intact(self, store: Any) -> bool:
@@ -544,8 +540,10 @@ class FusedExecutor:
                 g.written.clear()  # tensors _hyper added start at zero
                 g.refresh(group)
                 hypers.append(_specialized(g.hyper, group))
-            counters = _counter_fields(program, [g.index for g in self.groups]) if segmented else None
-            fn = _step_function(program, [g.index for g in self.groups], hypers, counters)
+            counters = _counter_fields(program, [g.index for g in self.groups])
+            structure = "tensors" if given else program.structure
+            spans = None if segmented else [[f.counter_span(structure) for f in g.flats] for g in self.groups]
+            fn = _step_function(program, [g.index for g in self.groups], hypers, counters, spans)
             kernel = _compile(fn) if compile_enabled() else fn
             plan = _Plan(_with_fallback(kernel, fn, self._warn), program)
             self._plans[key] = plan
@@ -568,9 +566,9 @@ class FusedExecutor:
             for g in self.groups:
                 params.append([v for f in g.flats for v in f.class_views(f.param_buf, structure)])
                 grads.append([v for f in g.flats for v in f.class_views(f.grad_buf, structure)])
-                states.append(_FlatState(program.groups[g.index].layout, g.flats, structure, segmented))
+                states.append(_FlatState(program.groups[g.index].layout, g.flats, structure))
             flats = [f for g in self.groups for f in g.flats]
-            clip = None if program.clip_layout is None else _FlatState(program.clip_layout, flats, structure, segmented)
+            clip = None if program.clip_layout is None else _FlatState(program.clip_layout, flats, structure)
             plan.views = params, grads, states, clip
         params, grads, states, clip = plan.views
         if given:
@@ -698,20 +696,44 @@ def _step_function(
     program: Any,
     indices: list[int],
     hypers: list[dict[str, Any]],
-    counters: tuple[list[frozenset], frozenset] | None,
+    counters: tuple[list[frozenset], frozenset],
+    spans: list[list[int]] | None,
 ) -> Callable:
     """The step over flat buffers: ``clip`` once over all groups, then each group's chain, its
     updates added to the parameters (``apply_``), exactly as the reference executor does.
 
-    ``counters`` makes a *segmented* step (the parameters' step counts differ, or some have no
-    gradient at this step): the ``(leaf, field)`` of the counters in each group's chain state and
-    in ``clip``'s (:func:`_counter_fields`), which the step gets as per-parameter tables. It then also gets
-    ``segments``, per group and flat buffer the parameter of every element, the elements of every
-    parameter and which parameters are stepped; each transform runs under :func:`_segmented`.
-    Otherwise ``segments`` is ``None``."""
+    ``counters``: the ``(leaf, field)`` of the step counters in each group's chain state and in
+    ``clip``'s (:func:`_counter_fields`), which the step gets as their tables, one per flat
+    buffer. With ``spans`` (per group and buffer :meth:`FlatGroup.counter_span`: every
+    parameter has stepped as often) each transform gets that many 0-d views of each table, which
+    it advances once each, and the whole table then takes the first value (no host work after
+    the step). ``spans`` ``None`` makes a *segmented* step (the parameters' step counts differ,
+    or some have no gradient at this step): the step then also gets ``segments``, per group and
+    flat buffer the parameter of every element, the elements of every parameter and which
+    parameters are stepped, and each transform runs under :func:`_segmented` on the tables.
+    Otherwise ``segments`` is ``None``.
+
+    Returns per group the new state and ``clip``'s, with only their shared fields (the
+    per-parameter ones were written in place)."""
     clip = program.clip
     skip = program.nonfinite == "skip"
     parts = [program.groups[i] for i in indices]
+    clip_layout = program.clip_layout
+    clip_spans = None if spans is None else [k for ks in spans for k in ks]
+
+    def run(call: Callable, state: Any, fields: frozenset, spans: list[int] | None, segments: Any, ctx: StepContext):
+        if spans is None:
+            return _segmented(call, state, fields, segments, ctx)
+        views = _counter_views(state, fields, spans)
+        result, new = call(views, ctx)
+        _copy_back(views, new)
+        for i, (_, leaf) in enumerate(state_leaves(state)):  # the entries not advanced take the first's value
+            for name in leaf._fields:
+                if (i, name) in fields:
+                    for table, k in zip(getattr(leaf, name), spans):
+                        if k < table.numel():
+                            table.copy_(table[0].expand_as(table))
+        return result, new
 
     def step(params, grads, states, clip_state, amp, segments):
         # GradScaler's grad_scale/found_inf: unscaled in place (the same loop), found_inf gates.
@@ -722,44 +744,63 @@ def _step_function(
         gate = combine_gates(gate, all_finite(flat_grads) if skip else None)
         gate = None if gate is None else gate.to(torch.float32)
         updates = [working_copy(gr, part.maximize) for gr, part in zip(grads, parts)]
-        if counters is not None:
+        if spans is None:
             kept = [[p.clone() for p in ps] for ps in params]
         if clip is not None:
             flat_params = [p for ps in params for p in ps]
             flat_updates = [u for us in updates for u in us]
             ctx = StepContext(gate=gate, reserved=True)  # _arguments made room (Transform.reserve)
-            if counters is None:
-                flat_updates, clip_state = clip.update(flat_updates, clip_state, flat_params, ctx)
-            else:
-                flat_segments = [s for segs in segments for s in segs]
-                flat_updates, clip_state = _segmented(
-                    lambda state, ctx: clip.update(flat_updates, state, flat_params, ctx),
-                    clip_state,
-                    counters[1],
-                    flat_segments,
-                    ctx,
-                )
+            flat_segments = None if segments is None else [s for segs in segments for s in segs]
+            flat_updates, clip_state = run(
+                lambda state, ctx: clip.update(flat_updates, state, flat_params, ctx),
+                clip_state,
+                counters[1],
+                clip_spans,
+                flat_segments,
+                ctx,
+            )
             updates = split_like(flat_updates, updates)
+            clip_state = _shared_only(clip_layout, clip_state)
         new_states = []
         for i, (part, hyper, ps, us, state) in enumerate(zip(parts, hypers, params, updates, states)):
-            ctx = StepContext(hyper, gate=gate, reserved=True)
-            if counters is None:
-                new = part.transform.apply_(ps, us, state, ctx)
-                _copy_back(state, new)
-            else:
-                _, new = _segmented(
-                    lambda state, ctx, ps=ps, us=us, part=part: (None, part.transform.apply_(ps, us, state, ctx)),
-                    state,
-                    counters[0][i],
-                    segments[i],
-                    ctx,
-                )
+            _, new = run(
+                lambda state, ctx, ps=ps, us=us, part=part: (None, part.transform.apply_(ps, us, state, ctx)),
+                state,
+                counters[0][i],
+                None if spans is None else spans[i],
+                None if segments is None else segments[i],
+                StepContext(hyper, gate=gate, reserved=True),
+            )
+            if spans is None:
                 for p, old, (index, _, present) in zip(ps, kept[i], segments[i]):
                     p.copy_(torch.where(present[index], p, old))  # the parameters not stepped
-            new_states.append(new)
+            new_states.append(_shared_only(part.layout, new))
         return new_states, clip_state
 
     return step
+
+
+def _counter_views(state: Any, fields: frozenset, spans: list[int]) -> Any:
+    """``state`` with each counter field (``fields``: ``(leaf, field)``), a list of tables, as
+    the first ``spans[i]`` entries of table ``i``, each a 0-d view."""
+    leaves = []
+    for i, (_, leaf) in enumerate(state_leaves(state)):
+        views = {
+            f: [table[j] for table, k in zip(getattr(leaf, f), spans) for j in range(k)]
+            for f in leaf._fields
+            if (i, f) in fields
+        }
+        leaves.append(leaf._replace(**views) if views else leaf)
+    return with_leaves(state, leaves)
+
+
+def _shared_only(layout: Any, state: Any) -> Any:
+    """``state`` with its per-parameter fields ``None``: what the compiled step hands back (its
+    shared fields, to store)."""
+    leaves = [leaf for _, leaf in state_leaves(state)]
+    for k in layout.per_param:
+        leaves[k.leaf] = leaves[k.leaf]._replace(**{k.field: None})
+    return with_leaves(state, leaves)
 
 
 def _segmented(call: Callable, state: Any, counters: frozenset, segments: list, ctx: StepContext) -> tuple[Any, Any]:
@@ -828,19 +869,17 @@ def _with_fallback(kernel: Callable, eager: Callable, warn: Callable[[str], None
 
 class _FlatState:
     """The state of one layout over the views of ``flats`` for ``structure``: the per-parameter
-    views made once, the shared fields read at every :meth:`gather`. A segmented step gets the
-    per-parameter counter tables themselves (see :func:`_segmented`)."""
+    views made once, the shared fields read at every :meth:`gather`. Counters are their tables,
+    one per buffer: the compiled step takes its views of them (see :func:`_step_function`)."""
 
-    def __init__(self, layout: Any, flats: list[FlatGroup], structure: str, segmented: bool) -> None:
+    def __init__(self, layout: Any, flats: list[FlatGroup], structure: str) -> None:
         self.layout = layout
         self.views: dict[str, list[Tensor]] = {}
         for k in layout.per_param:
             if k.key in flats[0].full:
                 self.views[k.key] = [v for f in flats for v in f.class_views(f.full[k.key], structure)]
-            elif segmented:
-                self.views[k.key] = [f.scalar[k.key] for f in flats]
             else:
-                self.views[k.key] = [v for f in flats for v in f.counter_views(k.key, structure)]
+                self.views[k.key] = [f.scalar[k.key] for f in flats]
         self._state = None if layout.shared else layout.assemble(self._per_param, None)
 
     def _per_param(self, k: Any) -> list[Tensor]:
