@@ -288,6 +288,7 @@ class FusedExecutor:
         self._program_key: Any = None
         self._layout: Any = None
         self._uniform = True  # every parameter in the buffers has stepped as often (one counter)
+        self._readable = False  # few big tensors: gradients are read where autograd writes them
         self._store_values: list | None = None  # opt.state's values when last found intact
 
     def __deepcopy__(self, memo: dict) -> FusedExecutor:
@@ -380,6 +381,7 @@ class FusedExecutor:
         self._program_key, self._layout = program.key, _layout(program)
         flat = {id(p) for g in groups for f in g.flats for p in f.params}
         self._outside = [p for group in param_groups for p in group["params"] if id(p) not in flat]
+        self._readable = _worth_reading([p for g in groups for f in g.flats for p in f.params])
         return None
 
     @staticmethod
@@ -455,11 +457,16 @@ class FusedExecutor:
         if any(f.counters_written() for f in flats):  # opt.state[p]["step"] written in place
             self._uniform = all([f.counters_agree() for f in flats])
         replaced = [f for f in flats if not f.gradients_in_place()]
-        for f in replaced:
+        # New gradients of a few tensors are read where autograd put them (no copy into the
+        # buffer: 8 bytes per parameter); many small ones are copied (one input per buffer).
+        readable = (
+            bool(replaced) and self._readable and all(map(_readable_gradient, (p for f in flats for p in f.params)))
+        )
+        for f in [] if readable else replaced:
             reason = next(filter(None, map(_sparse_gradient, f.params)), None)
             if reason:
                 return self._give_up(reason)
-        missing = any(f.missing_gradients() for f in replaced)
+        missing = not readable and any(f.missing_gradients() for f in replaced)
         if program.structure == "tensors":
             return self._give_up("a transform needs whole tensors (structure='tensors')")
         # Per-parameter counters and masks need one tensor per buffer (the element structure).
@@ -474,9 +481,7 @@ class FusedExecutor:
             self._uniform = False
             return False
         segmented = missing or not self._uniform
-        # New gradients of a few tensors are read where autograd put them (no copy into the
-        # buffer: 8 bytes per parameter); many small ones are copied (one input per buffer).
-        given = bool(replaced) and not segmented and _givable(flats)
+        given = readable and not segmented
         plan = self._plan(program, param_groups, segmented, given)
 
         for g in self.groups:
@@ -590,13 +595,6 @@ _GIVEN_TENSORS = 16
 #: The fewest elements for that: reading them in place saves a copy (8 bytes per element, ~0.4 ms
 #: per million on 2 CPU cores) but costs ~0.1 ms of host time per step (the inputs' guards).
 _GIVEN_FROM = 1 << 18
-
-
-def _givable(flats: list[FlatGroup]) -> bool:
-    """Whether a step can read the parameters' gradients as they are: few tensors, each a dense
-    contiguous tensor of its parameter's shape, dtype and device."""
-    params = [p for f in flats for p in f.params]
-    return _worth_reading(params) and all(map(_readable_gradient, params))
 
 
 def _worth_reading(params: list[Tensor]) -> bool:
