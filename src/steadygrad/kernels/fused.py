@@ -494,7 +494,7 @@ class FusedExecutor:
             flat_params = [p for f in flats for p in f.params if p.grad is not None]
             program.finite_gate([p.grad for p in flat_params], lambda i: _describe(param_groups, flat_params[i]))
         segments = [[(*f.segments(), f.present()) for f in g.flats] for g in self.groups] if segmented else None
-        arguments = self._arguments(plan, param_groups, store, segmented, given)
+        arguments = self._arguments(plan, param_groups, store, given)
         new_states, clip_state = plan.kernel(*arguments, amp, segments)
         for g, state in zip(self.groups, new_states):
             layout = program.groups[g.index].layout
@@ -554,12 +554,10 @@ class FusedExecutor:
             self._plans[key] = plan
         return plan
 
-    def _arguments(
-        self, plan: _Plan, param_groups: list[dict[str, Any]], store: Any, segmented: bool, given: bool
-    ) -> tuple:
+    def _arguments(self, plan: _Plan, param_groups: list[dict[str, Any]], store: Any, given: bool) -> tuple:
         """The kernel's inputs: per group the parameters, gradients and state as views of the
         flat buffers (whole buffers, unit classes, or with ``given`` one per parameter next to the
-        gradients autograd wrote, each with its own counter), and ``clip``'s state.
+        gradients autograd wrote), the counters as their tables, and ``clip``'s state.
 
         The views are made at a plan's first step and kept with it (the buffers live as long as
         the plan); shared state is read from ``store`` at every step, and every state gets
@@ -654,7 +652,7 @@ def _layouts(program: Any, index: int) -> list[Any]:
 
 def _counter_fields(program: Any, indices: list[int]) -> tuple[list[frozenset], frozenset]:
     """The ``(leaf, field)`` of the step counters in the state of each group's chain (of
-    ``indices``) and of ``clip``: the fields a segmented step gets as per-parameter tables."""
+    ``indices``) and of ``clip``: the fields the compiled step gets as per-parameter tables."""
     keys = {i: _counter_keys(program, i) for i in indices}
 
     def fields(layout: Any, index: int) -> frozenset:
