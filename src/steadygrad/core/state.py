@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .dtensor import is_dtensor, local_tensor, split_shards
 from .tensorlist import any_complex, as_real, from_real
-from .transform import PLAIN, StepContext, Transform, apply_scale, state_leaves
+from .transform import PLAIN, StepContext, Transform, apply_scale, state_leaves, with_leaves
 
 __all__ = ["Replicated", "SharedDict", "StateKey", "StateLayout", "state_keys"]
 
@@ -188,7 +188,7 @@ class StateLayout:
             fields[k.leaf][k.field] = per_param(k)
         for k in self.shared:
             fields[k.leaf][k.field] = shared.get(k.key)
-        return _rebuild(self.template, iter([leaf._replace(**f) for leaf, f in zip(self.leaves, fields)]))
+        return with_leaves(self.template, [leaf._replace(**f) for leaf, f in zip(self.leaves, fields)])
 
     def gather(
         self,
@@ -332,9 +332,3 @@ class StateLayout:
                 entry = store.get(p)
                 if entry and k.key in entry:
                     entry[k.key] = value
-
-
-def _rebuild(template: Any, leaves: Any) -> Any:
-    if hasattr(template, "_fields"):
-        return next(leaves)
-    return tuple(_rebuild(part, leaves) for part in template)

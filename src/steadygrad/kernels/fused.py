@@ -228,6 +228,12 @@ def _is_scalar(v: Any) -> bool:
     return _is_number(v) or (isinstance(v, Tensor) and v.numel() == 1)
 
 
+def _numbers(v: Any) -> bool:
+    """Whether a group's option is what the fused step reads from tensors: a number (not a bool)
+    or one-element tensor, or a non-empty tuple of them (``betas``)."""
+    return _is_scalar(v) or (isinstance(v, tuple) and bool(v) and all(map(_is_scalar, v)))
+
+
 @dataclass
 class _Group:
     """The fused form of one parameter group."""
@@ -249,11 +255,7 @@ class _Group:
                 value = group.get(key)
                 if value is written.get(key, written):
                     continue
-                if (
-                    value is None
-                    or isinstance(value, bool)
-                    or not (_is_scalar(value) or (isinstance(value, tuple) and all(_is_scalar(v) for v in value)))
-                ):
+                if not _numbers(value):
                     continue  # an option that is no number now (moment_clip back to None)
                 pairs = list(zip(t, value)) if isinstance(t, tuple) else [(t, value)]
                 for ti, vi in pairs:
@@ -318,16 +320,16 @@ class FusedExecutor:
         for key, value in group.items():
             if key == "params":
                 continue
-            if _is_scalar(value) and not isinstance(value, bool):
+            if not _numbers(value):
+                hyper[key] = value
+            elif not isinstance(value, tuple):
                 if not isinstance(tensors.get(key), Tensor):
                     tensors[key] = torch.zeros(1, dtype=torch.float64, device=device)
                 hyper[key] = tensors[key]
-            elif isinstance(value, tuple) and value and all(_is_scalar(v) for v in value):
+            else:
                 if not (isinstance(tensors.get(key), tuple) and len(tensors[key]) == len(value)):
                     tensors[key] = tuple(torch.zeros(1, dtype=torch.float64, device=device) for _ in value)
                 hyper[key] = tensors[key]
-            else:
-                hyper[key] = value
         return hyper
 
     def _build(self, program: Any, param_groups: list[dict[str, Any]], store: Any) -> str | None:
@@ -720,15 +722,11 @@ def _step_function(
     def run(call: Callable, state: Any, fields: frozenset, spans: list[int] | None, segments: Any, ctx: StepContext):
         if spans is None:
             return _segmented(call, state, fields, segments, ctx)
-        views = _counter_views(state, fields, spans)
+        views, partial = _counter_views(state, fields, spans)
         result, new = call(views, ctx)
         _copy_back(views, new)
-        for i, (_, leaf) in enumerate(state_leaves(state)):  # the entries not advanced take the first's value
-            for name in leaf._fields:
-                if (i, name) in fields:
-                    for table, k in zip(getattr(leaf, name), spans):
-                        if k < table.numel():
-                            table.copy_(table[0].expand_as(table))
+        for table in partial:  # the entries the step did not advance take the first's value
+            table.copy_(table[0].expand_as(table))
         return result, new
 
     def step(params, grads, states, clip_state, amp, segments):
@@ -776,18 +774,20 @@ def _step_function(
     return step
 
 
-def _counter_views(state: Any, fields: frozenset, spans: list[int]) -> Any:
+def _counter_views(state: Any, fields: frozenset, spans: list[int]) -> tuple[Any, list[Tensor]]:
     """``state`` with each counter field (``fields``: ``(leaf, field)``), a list of tables, as
-    the first ``spans[i]`` entries of table ``i``, each a 0-d view."""
-    leaves = []
+    the first ``spans[i]`` entries of table ``i``, each a 0-d view; and the tables with entries
+    left out."""
+    leaves, partial = [], []
     for i, (_, leaf) in enumerate(state_leaves(state)):
-        views = {
-            f: [table[j] for table, k in zip(getattr(leaf, f), spans) for j in range(k)]
-            for f in leaf._fields
-            if (i, f) in fields
-        }
+        views = {}
+        for f in leaf._fields:
+            if (i, f) in fields:
+                tables = getattr(leaf, f)
+                views[f] = [table[j] for table, k in zip(tables, spans) for j in range(k)]
+                partial += [table for table, k in zip(tables, spans) if k < table.numel()]
         leaves.append(leaf._replace(**views) if views else leaf)
-    return with_leaves(state, leaves)
+    return with_leaves(state, leaves), partial
 
 
 def _shared_only(layout: Any, state: Any) -> Any:
